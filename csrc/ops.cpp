@@ -1,0 +1,38 @@
+// Every schema of the medmtl operator library, and the Python module medmtl._C
+// that loading registers them with.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef MEDMTL_WITH_CUDA
+#define MEDMTL_WITH_CUDA 0
+#endif
+#ifndef MEDMTL_CUDA_ARCHS
+#define MEDMTL_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(medmtl, m) {
+  // Multi-scale pooling: for each level, act(x * scale + shift) adaptively
+  // pooled to every size, flattened, concatenated -> (B, sum_i C_i * sum_s s^d).
+  // scale and shift are flat over the levels' channels (length sum_i C_i).
+  m.def(
+      "multiscale_pool(Tensor[] features, int[] output_sizes, str mode, Tensor? scale, "
+      "Tensor? shift, bool relu) -> Tensor");
+  // Gradients of the features, and of the flat scale and shift (computed as if
+  // scale were 1 and shift 0 when they are absent).
+  m.def(
+      "multiscale_pool_backward(Tensor grad_output, Tensor[] features, int[] output_sizes, "
+      "str mode, Tensor? scale, Tensor? shift, bool relu) -> (Tensor[], Tensor, Tensor)");
+}
+
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                          "medmtl's compiled kernels (torch.ops.medmtl)", -1,
+                                          nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  PyModule_AddIntConstant(module, "with_cuda", MEDMTL_WITH_CUDA);
+  PyModule_AddStringConstant(module, "cuda_arch_list", MEDMTL_CUDA_ARCHS);
+  return module;
+}
+}

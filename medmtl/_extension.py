@@ -1,0 +1,29 @@
+"""Loads the compiled extension medmtl._C, which registers the C++/CUDA ops.
+
+medmtl works without it (the reference and, with Triton, the triton backend);
+`EXTENSION_ERROR` then says why it is missing.
+"""
+
+from __future__ import annotations
+
+try:
+    from medmtl import _C  # noqa: F401  (registers torch.ops.medmtl.*)
+
+    EXTENSION_ERROR: str | None = None
+except ImportError as error:  # not built, or built against another torch
+    _C = None
+    EXTENSION_ERROR = str(error)
+
+BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (or `make build`) in the medmtl checkout"
+
+
+def extension_loaded() -> bool:
+    return _C is not None
+
+
+def extension_has_cuda() -> bool:
+    return _C is not None and bool(getattr(_C, "with_cuda", 0))
+
+
+def cuda_arch_list() -> str:
+    return getattr(_C, "cuda_arch_list", "") if _C is not None else ""

@@ -1,0 +1,141 @@
+"""Backend choice for medmtl's ops.
+
+Every op has the backends `reference` (plain PyTorch, the oracle), `cpu` (C++),
+`cuda` (CUDA C++) and `triton`. `auto` (the default) takes, for CPU tensors,
+`cpu` when the extension is built and `reference` otherwise; for CUDA tensors,
+the first available of the op's entry in `GPU_PREFERENCE`, else `reference`.
+
+Choose with `medmtl.set_backend(name)`, `with medmtl.backend(name): ...` or
+the environment variable MEDMTL_BACKEND (read at import). The choice is
+process-wide (a module global, so torch.compile guards on it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import torch
+
+from medmtl._extension import BUILD_HINT, EXTENSION_ERROR, extension_has_cuda, extension_loaded
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+KERNEL_BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+# Which GPU backend `auto` takes first, per op. No GPU has been lent to this
+# project yet, so these orders are not measured: the CUDA kernels come first
+# because they make one pass where the Triton ones make one per output size.
+GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "multiscale_pool": ("cuda", "triton"),
+}
+
+# Ops and the backends each implements, filled by the op modules.
+OPS: dict[str, tuple[str, ...]] = {}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that cannot run here; the message says why."""
+
+
+def _check_name(name: object, what: str) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"{what} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+_current: str = _check_name(os.environ.get("MEDMTL_BACKEND", "auto"), "MEDMTL_BACKEND")
+
+
+def get_backend() -> str:
+    """The backend name in force (`auto` unless one was set)."""
+    return _current
+
+
+def set_backend(name: str) -> None:
+    """Sets the backend for every op: one of auto, reference, cpu, cuda, triton."""
+    global _current
+    _current = _check_name(name, "backend")
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """`with medmtl.backend("cpu"): ...` runs the block with that backend."""
+    global _current
+    previous, _current = _current, _check_name(name, "backend")
+    try:
+        yield
+    finally:
+        _current = previous
+
+
+def register_op(name: str, backends: tuple[str, ...]) -> None:
+    OPS[name] = backends
+
+
+def triton_error() -> str | None:
+    """Why the triton backend cannot run, or None."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton, or pip install 'medmtl[triton]')"
+    return None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(op: str, name: str, device: torch.device) -> str | None:
+    """Why backend `name` cannot run op `op` on tensors of `device`, or None if it can."""
+    if name not in OPS.get(op, ()):
+        return f"op {op!r} has no {name!r} backend (it has {', '.join(OPS.get(op, ()))})"
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if not extension_loaded():
+            return f"the C++ extension medmtl._C is not built ({EXTENSION_ERROR}); {BUILD_HINT}"
+        if device.type != "cpu":
+            return f"backend 'cpu' runs CPU tensors, got tensors on {device}"
+        return None
+    if name == "cuda":
+        if not extension_loaded():
+            return f"the C++ extension medmtl._C is not built ({EXTENSION_ERROR}); {BUILD_HINT}"
+        if not extension_has_cuda():
+            return ("medmtl._C was built without CUDA kernels; rebuild with a CUDA build of torch, "
+                    "nvcc on PATH (or CUDA_HOME set) and MEDMTL_BUILD_CUDA=1")
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available (torch.cuda.is_available() is False)"
+        if device.type != "cuda":
+            return f"backend 'cuda' runs CUDA tensors, got tensors on {device}"
+        return None
+    if name == "triton":
+        reason = triton_error()
+        if reason is not None:
+            return reason
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpreted():
+            return None
+        return (f"backend 'triton' runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1, set "
+                f"before triton is imported), got tensors on {device}")
+    return f"unknown backend {name!r}"
+
+
+def resolve_backend(op: str, device: torch.device) -> str:
+    """The backend that runs `op` on tensors of `device` under the current choice.
+
+    Raises BackendUnavailableError when the chosen backend cannot run it.
+    """
+    name = _current
+    if name == "auto":
+        if device.type == "cpu":
+            return "cpu" if unavailable_reason(op, "cpu", device) is None else "reference"
+        if device.type == "cuda":
+            for candidate in GPU_PREFERENCE.get(op, ()):
+                if unavailable_reason(op, candidate, device) is None:
+                    return candidate
+        return "reference"
+    reason = unavailable_reason(op, name, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"medmtl backend {name!r} cannot run {op}: {reason}")
+    return name

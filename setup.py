@@ -50,7 +50,7 @@ def _extensions():
     _cuda_home_from_nvcc()
     with_cuda = _want_cuda(torch.version.cuda)
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-DMEDMTL_WITH_CUDA=" + ("1" if with_cuda else "0")]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-DMEDMTL_WITH_CUDA=" + ("1" if with_cuda else "0")]
     include_dirs = [str(ROOT / "csrc")]
     kwargs = dict(extra_link_args=["-fopenmp"])
     if with_cuda:
@@ -69,7 +69,7 @@ def _extensions():
             "medmtl._C",
             sources,
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
             **kwargs,
         )
     else:

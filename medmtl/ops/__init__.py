@@ -1,7 +1,7 @@
 """Functional ops of medmtl, registered with torch.library (namespace `medmtl`)."""
 
 from medmtl.ops import reference
-from medmtl.ops.backend import (
+from medmtl.ops.backends import (
     BACKENDS,
     BackendUnavailableError,
     backend,

@@ -13,7 +13,7 @@ import torch
 
 from medmtl._extension import extension_loaded
 from medmtl.ops import reference
-from medmtl.ops.backend import register_op, resolve_backend
+from medmtl.ops.backends import register_op, resolve_backend
 
 OP_NAME = "multiscale_pool"
 MODES = ("avg", "max")

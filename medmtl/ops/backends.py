@@ -113,6 +113,8 @@ def unavailable_reason(op: str, name: str, device: torch.device) -> str | None:
         if reason is not None:
             return reason
         if device.type == "cuda":
+            if not torch.cuda.is_available():
+                return "no CUDA GPU is available (torch.cuda.is_available() is False)"
             return None
         if device.type == "cpu" and triton_interpreted():
             return None

@@ -1,0 +1,175 @@
+// CUDA backend of medmtl::multiscale_pool: torch wrappers around the launchers
+// of multiscale_pool_kernel.cu (one set of launches per level), mirroring the
+// CPU wrappers in csrc/cpu/multiscale_pool_cpu.cpp.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "../multiscale_pool_checks.h"
+#include "multiscale_pool_kernel.h"
+
+namespace medmtl {
+namespace {
+
+// The CUDA type of an ATen scalar type (same size and layout).
+template <typename scalar_t>
+struct CudaScalar {
+  using type = scalar_t;
+};
+template <>
+struct CudaScalar<at::Half> {
+  using type = __half;
+};
+template <>
+struct CudaScalar<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename scalar_t>
+using cuda_scalar_t = typename CudaScalar<scalar_t>::type;
+
+template <typename scalar_t>
+const cuda_scalar_t<scalar_t>* device_ptr(const at::Tensor& t, int64_t offset = 0) {
+  return reinterpret_cast<const cuda_scalar_t<scalar_t>*>(t.const_data_ptr<scalar_t>()) + offset;
+}
+
+template <typename scalar_t>
+cuda_scalar_t<scalar_t>* device_mutable_ptr(at::Tensor& t) {
+  return reinterpret_cast<cuda_scalar_t<scalar_t>*>(t.mutable_data_ptr<scalar_t>());
+}
+
+bool is_channels_last(const at::Tensor& x) {
+  if (x.is_contiguous()) return false;
+  return x.is_contiguous(x.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                                      : at::MemoryFormat::ChannelsLast3d);
+}
+
+// The launchers' view of level i (of a contiguous x).
+cuda::MultiscalePoolLevel level_of(const at::Tensor& x, at::IntArrayRef sizes,
+                                   const MultiscalePoolLayout& layout, size_t i) {
+  cuda::MultiscalePoolLevel level;
+  level.batch = x.size(0);
+  level.channels = x.size(1);
+  level.spatial_dims = layout.spatial_dims;
+  level.depth = layout.spatial_dims == 3 ? x.size(2) : 1;
+  level.height = x.size(-2);
+  level.width = x.size(-1);
+  level.sizes = sizes.data();
+  level.size_offset = layout.size_offset.data();
+  level.num_sizes = static_cast<int64_t>(sizes.size());
+  level.bins_per_channel = layout.bins_per_channel;
+  level.out_row = layout.total_columns;
+  level.level_col = layout.output_offset[i];
+  return level;
+}
+
+// Contiguous scale / shift, or an undefined tensor when absent.
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& p) {
+  return p.has_value() ? p->contiguous() : at::Tensor();
+}
+
+template <typename scalar_t>
+const cuda_scalar_t<scalar_t>* param_ptr(const at::Tensor& p, int64_t offset) {
+  return p.defined() ? device_ptr<scalar_t>(p, offset) : nullptr;
+}
+
+void check_on_cuda(const at::Tensor& first, const char* op) {
+  TORCH_CHECK(first.is_cuda(), op, ": features must be CUDA tensors for the CUDA kernels, got ",
+              first.device());
+}
+
+at::Tensor multiscale_pool_cuda(at::TensorList features, at::IntArrayRef output_sizes,
+                                c10::string_view mode, const std::optional<at::Tensor>& scale,
+                                const std::optional<at::Tensor>& shift, bool relu) {
+  const MultiscalePoolLayout layout =
+      check_multiscale_pool_inputs(features, output_sizes, mode, scale, shift);
+  check_on_cuda(features[0], "multiscale_pool");
+  const c10::cuda::CUDAGuard device_guard(features[0].device());
+  at::Tensor out = at::empty({layout.batch, layout.total_columns}, features[0].options());
+  if (layout.batch == 0) return out;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor sc = contiguous_or_undefined(scale), sh = contiguous_or_undefined(shift);
+  const bool is_max = mode == "max";
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "multiscale_pool_cuda", [&] {
+    for (size_t i = 0; i < features.size(); ++i) {
+      const at::Tensor x = features[i].contiguous();
+      const int64_t c0 = layout.channel_offset[i];
+      C10_CUDA_CHECK(cuda::launch_multiscale_pool_forward(
+          level_of(x, output_sizes, layout, i), device_ptr<scalar_t>(x),
+          param_ptr<scalar_t>(sc, c0), param_ptr<scalar_t>(sh, c0), relu, is_max,
+          device_mutable_ptr<scalar_t>(out), stream));
+    }
+  });
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> multiscale_pool_backward_cuda(
+    const at::Tensor& grad_output, at::TensorList features, at::IntArrayRef output_sizes,
+    c10::string_view mode, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& shift, bool relu) {
+  const MultiscalePoolLayout layout =
+      check_multiscale_pool_inputs(features, output_sizes, mode, scale, shift);
+  TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == layout.batch &&
+                  grad_output.size(1) == layout.total_columns,
+              "multiscale_pool_backward: grad_output must have shape (", layout.batch, ", ",
+              layout.total_columns, "), got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == features[0].scalar_type(),
+              "multiscale_pool_backward: grad_output must have the features' dtype ",
+              features[0].scalar_type(), ", got ", grad_output.scalar_type());
+  check_on_cuda(features[0], "multiscale_pool_backward");
+  TORCH_CHECK(grad_output.device() == features[0].device(),
+              "multiscale_pool_backward: grad_output must be on the features' device ",
+              features[0].device(), ", got ", grad_output.device());
+  const c10::cuda::CUDAGuard device_guard(features[0].device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor go = grad_output.contiguous();
+  const at::Tensor sc = contiguous_or_undefined(scale), sh = contiguous_or_undefined(shift);
+  const bool is_max = mode == "max";
+  std::vector<at::Tensor> grads, scale_grads, shift_grads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "multiscale_pool_backward_cuda", [&] {
+    using cuda_t = cuda_scalar_t<scalar_t>;
+    using acc_t = cuda::acc_type<cuda_t>;
+    const auto acc_options = go.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    for (size_t i = 0; i < features.size(); ++i) {
+      const at::Tensor x = features[i].contiguous();
+      const cuda::MultiscalePoolLevel level = level_of(x, output_sizes, layout, i);
+      const cuda::MultiscalePoolBackwardWorkspace ws =
+          cuda::multiscale_pool_backward_workspace(level, is_max);
+      at::Tensor gx = at::empty(x.sizes(), x.options());
+      at::Tensor gsc = at::empty({layout.batch, layout.channels[i], ws.partials_per_plane}, acc_options);
+      at::Tensor gsh = at::empty({layout.batch, layout.channels[i], ws.partials_per_plane}, acc_options);
+      at::Tensor argmax = at::empty({ws.argmax_elements}, go.options().dtype(at::kLong));
+      at::Tensor scratch = at::empty({ws.grad_elements}, acc_options);
+      const int64_t c0 = layout.channel_offset[i];
+      C10_CUDA_CHECK(cuda::launch_multiscale_pool_backward(
+          level, device_ptr<scalar_t>(go), device_ptr<scalar_t>(x), param_ptr<scalar_t>(sc, c0),
+          param_ptr<scalar_t>(sh, c0), relu, is_max, device_mutable_ptr<scalar_t>(gx),
+          gsc.mutable_data_ptr<acc_t>(), gsh.mutable_data_ptr<acc_t>(),
+          ws.argmax_elements > 0 ? argmax.mutable_data_ptr<int64_t>() : nullptr,
+          ws.grad_elements > 0 ? scratch.mutable_data_ptr<acc_t>() : nullptr, stream));
+      // Same memory format as the CPU kernel (and the fake kernel's empty_like).
+      grads.push_back(is_channels_last(features[i])
+                          ? gx.contiguous(x.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                                                       : at::MemoryFormat::ChannelsLast3d)
+                          : gx);
+      scale_grads.push_back(gsc.sum(at::IntArrayRef{0, 2}));
+      shift_grads.push_back(gsh.sum(at::IntArrayRef{0, 2}));
+    }
+  });
+  const auto dtype = features[0].scalar_type();
+  return {grads, at::cat(scale_grads).to(dtype), at::cat(shift_grads).to(dtype)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(medmtl, CUDA, m) {
+  m.impl("multiscale_pool", &multiscale_pool_cuda);
+  m.impl("multiscale_pool_backward", &multiscale_pool_backward_cuda);
+}
+
+}  // namespace medmtl

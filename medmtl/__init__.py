@@ -1,0 +1,24 @@
+"""medmtl: multi-task medical image analysis with fused Triton, CUDA and C++ kernels.
+
+    import medmtl
+    medmtl.set_backend("cpu")            # or: with medmtl.backend("reference"): ...
+    y = medmtl.ops.multiscale_pool([x3, x4], output_sizes=(1, 2, 3, 6))
+    head = medmtl.layers.MultiScalePool([256, 512])
+    print(medmtl.info())
+"""
+
+from medmtl import layers, ops
+from medmtl.info import info
+from medmtl.ops.backends import BackendUnavailableError, backend, get_backend, set_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "backend",
+    "get_backend",
+    "info",
+    "layers",
+    "ops",
+    "set_backend",
+]

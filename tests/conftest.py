@@ -1,0 +1,53 @@
+"""Shared helpers of the test suite."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import medmtl
+from medmtl._extension import extension_has_cuda, extension_loaded
+
+requires_extension = pytest.mark.skipif(
+    not extension_loaded(), reason="medmtl._C is not built (pip install --no-build-isolation -e .)")
+requires_cuda_gpu = pytest.mark.skipif(
+    not (torch.cuda.is_available() and extension_has_cuda()),
+    reason="needs a CUDA GPU and medmtl._C built with CUDA kernels; none on this machine")
+
+
+@pytest.fixture(autouse=True)
+def _default_backend():
+    """Every test starts and ends with the `auto` backend."""
+    medmtl.set_backend("auto")
+    yield
+    medmtl.set_backend("auto")
+
+
+def make_features(shapes, dtype=torch.float32, layout="contiguous", seed=0, requires_grad=True,
+                  device="cpu"):
+    """Random levels of the given (B, C, *spatial) shapes.
+
+    layout: "contiguous", "channels_last" or "strided" (a non-contiguous view:
+    every other column of a wider tensor).
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in shapes:
+        if layout == "strided":
+            wide = torch.randn(*shape[:-1], 2 * shape[-1], generator=g, dtype=dtype)
+            x = wide[..., ::2]
+            assert not x.is_contiguous()
+        else:
+            x = torch.randn(*shape, generator=g, dtype=dtype)
+            if layout == "channels_last":
+                x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        out.append(x.to(device).requires_grad_(requires_grad))
+    return out
+
+
+def make_affine(features, seed=1):
+    """Per-level (scale, shift) of the features' dtype, leaves that take gradients."""
+    g = torch.Generator().manual_seed(seed)
+    scale = [(torch.rand(x.shape[1], generator=g, dtype=x.dtype) + 0.5).requires_grad_() for x in features]
+    shift = [(torch.randn(x.shape[1], generator=g, dtype=x.dtype) * 0.5).requires_grad_() for x in features]
+    return scale, shift

@@ -1,0 +1,103 @@
+"""Choosing backends: names, scopes, the environment variable, errors that say why."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import medmtl
+from medmtl.ops import BackendUnavailableError, multiscale_pool, resolve_backend
+from medmtl.ops import backends as backend_module
+
+
+def test_set_backend_and_scope_restore():
+    medmtl.set_backend("reference")
+    assert medmtl.get_backend() == "reference"
+    with medmtl.backend("cpu"):
+        assert medmtl.get_backend() == "cpu"
+        with pytest.raises(RuntimeError):
+            with medmtl.backend("triton"):
+                assert medmtl.get_backend() == "triton"
+                raise RuntimeError("leave the scope by an error")
+        assert medmtl.get_backend() == "cpu"
+    assert medmtl.get_backend() == "reference"
+
+
+@pytest.mark.parametrize("name", ["gpu", "", None, "CPU"])
+def test_unknown_backend_names_are_rejected(name):
+    with pytest.raises(ValueError, match="backend must be one of auto, reference, cpu, cuda, triton"):
+        medmtl.set_backend(name)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with medmtl.backend(name):
+            pass
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_environment_variable_sets_the_default():
+    done = _python("import medmtl; print(medmtl.get_backend())", MEDMTL_BACKEND="reference")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "reference"
+
+
+def test_bad_environment_variable_is_named():
+    done = _python("import medmtl", MEDMTL_BACKEND="fastest")
+    assert done.returncode != 0
+    assert "MEDMTL_BACKEND must be one of" in done.stderr and "'fastest'" in done.stderr
+
+
+def test_reference_backend_runs_the_reference():
+    x = torch.randn(2, 3, 4, 4)
+    with medmtl.backend("reference"):
+        assert resolve_backend("multiscale_pool", x.device) == "reference"
+        out = multiscale_pool([x], (1,))
+    # the reference is autograd through plain torch ops, not a custom op
+    torch.testing.assert_close(out, x.mean((2, 3)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
+def test_cuda_backend_without_gpu_says_why():
+    with medmtl.backend("cuda"), pytest.raises(BackendUnavailableError) as info:
+        multiscale_pool([torch.randn(1, 2, 3, 3)])
+    message = str(info.value)
+    assert "backend 'cuda' cannot run multiscale_pool" in message
+    assert any(words in message for words in ("no CUDA GPU", "without CUDA kernels", "not built"))
+
+
+@pytest.mark.skipif(backend_module.triton_interpreted(), reason="checks triton on CPU tensors without the interpreter")
+def test_triton_on_cpu_tensors_without_interpreter_says_why():
+    with medmtl.backend("triton"), pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        multiscale_pool([torch.randn(1, 2, 3, 3)])
+
+
+def test_cpu_backend_without_extension_says_how_to_build(monkeypatch):
+    monkeypatch.setattr(backend_module, "extension_loaded", lambda: False)
+    with medmtl.backend("cpu"), pytest.raises(BackendUnavailableError, match="pip install --no-build-isolation"):
+        multiscale_pool([torch.randn(1, 2, 3, 3)])
+    # auto falls back to the reference when the extension is missing
+    assert resolve_backend("multiscale_pool", torch.device("cpu")) == "reference"
+
+
+def test_auto_on_cuda_tensors_falls_back_to_reference_without_gpu_backends(monkeypatch):
+    monkeypatch.setattr(backend_module, "GPU_PREFERENCE", {"multiscale_pool": ()})
+    assert resolve_backend("multiscale_pool", torch.device("cuda")) == "reference"
+
+
+def test_info_lists_build_and_backends():
+    text = medmtl.info()
+    assert "extension medmtl._C:" in text and "triton:" in text and "CUDA kernels:" in text
+    for name in ("reference", "cpu", "cuda", "triton"):
+        assert f"multiscale_pool  {name}" in text
+
+
+def test_command_line_info():
+    done = subprocess.run([sys.executable, "-m", "medmtl", "info"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "multiscale_pool" in done.stdout and "backend in force: auto" in done.stdout

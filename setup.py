@@ -45,12 +45,19 @@ def _cuda_home_from_nvcc() -> None:
 
 def _extensions():
     import torch
+
+    _cuda_home_from_nvcc()  # before cpp_extension reads CUDA_HOME at import
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    _cuda_home_from_nvcc()
     with_cuda = _want_cuda(torch.version.cuda)
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-DMEDMTL_WITH_CUDA=" + ("1" if with_cuda else "0")]
+    # The CPU kernels are memory-bound loops the compiler vectorizes: build for
+    # the CPU this runs on (the extension is built where it is installed).
+    # MEDMTL_CPU_ARCH="" (or e.g. x86-64-v2) builds a portable binary.
+    cpu_arch = os.environ.get("MEDMTL_CPU_ARCH", "native")
+    if cpu_arch:
+        cxx_flags.append(f"-march={cpu_arch}")
     include_dirs = [str(ROOT / "csrc")]
     kwargs = dict(extra_link_args=["-fopenmp"])
     if with_cuda:

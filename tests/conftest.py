@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-import medmtl
-from medmtl._extension import extension_has_cuda, extension_loaded
+# No GPU on the test machines: Triton kernels run in Triton's interpreter on
+# CPU tensors. This must be set before anything imports triton; a GPU machine
+# can run them for real with TRITON_INTERPRET=0.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import medmtl  # noqa: E402
+from medmtl._extension import extension_has_cuda, extension_loaded  # noqa: E402
 
 requires_extension = pytest.mark.skipif(
     not extension_loaded(), reason="medmtl._C is not built (pip install --no-build-isolation -e .)")

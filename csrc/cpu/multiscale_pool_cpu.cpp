@@ -22,15 +22,14 @@ bool is_channels_last(const at::Tensor& x) {
                                       : at::MemoryFormat::ChannelsLast3d);
 }
 
-core::PoolGeometry geometry_of(const at::Tensor& x, at::IntArrayRef sizes) {
+core::PoolPlan plan_of(const at::Tensor& x, at::IntArrayRef sizes) {
   core::PoolGeometry g;
   g.spatial_dims = static_cast<int>(x.dim()) - 2;
   g.depth = g.spatial_dims == 3 ? x.size(2) : 1;
   g.height = x.size(-2);
   g.width = x.size(-1);
-  g.sizes = sizes.data();
-  g.num_sizes = static_cast<int64_t>(sizes.size());
-  return g;
+  g.sizes.assign(sizes.begin(), sizes.end());
+  return core::PoolPlan(std::move(g));
 }
 
 core::PoolMode mode_of(c10::string_view mode) {
@@ -55,8 +54,9 @@ void forward_level(const at::Tensor& input, at::IntArrayRef sizes, core::PoolMod
                    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
                    bool relu, const MultiscalePoolLayout& layout, size_t level, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const core::PoolGeometry g = geometry_of(input, sizes);
-  const int64_t B = input.size(0), C = input.size(1), total = g.total_bins();
+  const core::PoolPlan plan = plan_of(input, sizes);
+  const int64_t B = input.size(0), C = input.size(1), total = plan.total_bins;
+  const int64_t num_sizes = static_cast<int64_t>(sizes.size());
   const std::vector<acc_t> sc = affine_param<scalar_t, acc_t>(scale, layout.channel_offset[level], C, 1);
   const std::vector<acc_t> sh = affine_param<scalar_t, acc_t>(shift, layout.channel_offset[level], C, 0);
   scalar_t* out_data = out.data_ptr<scalar_t>();
@@ -64,8 +64,9 @@ void forward_level(const at::Tensor& input, at::IntArrayRef sizes, core::PoolMod
   // Writes one channel's compact bins into its places in the output row of b.
   auto place = [&](int64_t b, int64_t c, const acc_t* bins) {
     scalar_t* o = out_data + b * out_row + level_col;
-    for (int64_t k = 0; k < g.num_sizes; ++k) {
-      const int64_t n = g.bins(k), off = layout.size_offset[k];
+    for (int64_t k = 0; k < num_sizes; ++k) {
+      const int64_t off = layout.size_offset[k];
+      const int64_t n = (k + 1 < num_sizes ? layout.size_offset[k + 1] : total) - off;
       for (int64_t i = 0; i < n; ++i) o[C * off + c * n + i] = static_cast<scalar_t>(bins[off + i]);
     }
   };
@@ -78,7 +79,7 @@ void forward_level(const at::Tensor& input, at::IntArrayRef sizes, core::PoolMod
         const int64_t b = task / blocks, c0 = (task % blocks) * kChannelBlock;
         const int64_t cb = std::min(kChannelBlock, C - c0);
         core::pool_channels_last_forward<scalar_t, acc_t>(
-            x + b * input.stride(0) + c0, C, cb, g, mode, sc.data() + c0, sh.data() + c0, relu,
+            x + b * input.stride(0) + c0, C, cb, plan, mode, sc.data() + c0, sh.data() + c0, relu,
             t.data(), bins.data(), nullptr);
         for (int64_t c = 0; c < cb; ++c) {
           for (int64_t i = 0; i < total; ++i) one[i] = bins[i * cb + c];
@@ -89,13 +90,13 @@ void forward_level(const at::Tensor& input, at::IntArrayRef sizes, core::PoolMod
   } else {
     const at::Tensor xc = input.contiguous();
     const scalar_t* x = xc.data_ptr<scalar_t>();
-    const int64_t plane = g.plane_size();
+    const int64_t plane = plan.g.plane_size();
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> row(g.width), bins(total);
+      std::vector<acc_t> scratch(plan.plane_scratch_size()), bins(total);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t c = p % C;
-        core::pool_plane_forward<scalar_t, acc_t>(x + p * plane, g, mode, sc[c], sh[c], relu,
-                                                  row.data(), bins.data(), nullptr);
+        core::pool_plane_forward<scalar_t, acc_t>(x + p * plane, plan, mode, sc[c], sh[c], relu,
+                                                  scratch.data(), bins.data());
         place(p / C, c, bins.data());
       }
     });
@@ -123,8 +124,9 @@ void backward_level(const at::Tensor& grad_out, const at::Tensor& input, at::Int
                     const MultiscalePoolLayout& layout, size_t level, at::Tensor& grad_input,
                     at::Tensor& grad_scale_partial, at::Tensor& grad_shift_partial) {
   using acc_t = at::opmath_type<scalar_t>;
-  const core::PoolGeometry g = geometry_of(input, sizes);
-  const int64_t B = input.size(0), C = input.size(1), total = g.total_bins();
+  const core::PoolPlan plan = plan_of(input, sizes);
+  const int64_t B = input.size(0), C = input.size(1), total = plan.total_bins;
+  const int64_t num_sizes = static_cast<int64_t>(sizes.size());
   const std::vector<acc_t> sc = affine_param<scalar_t, acc_t>(scale, layout.channel_offset[level], C, 1);
   const std::vector<acc_t> sh = affine_param<scalar_t, acc_t>(shift, layout.channel_offset[level], C, 0);
   const scalar_t* go = grad_out.data_ptr<scalar_t>();
@@ -134,8 +136,9 @@ void backward_level(const at::Tensor& grad_out, const at::Tensor& input, at::Int
   // Gathers one channel's output gradient into compact bin order.
   auto gather = [&](int64_t b, int64_t c, acc_t* bins) {
     const scalar_t* o = go + b * out_row + level_col;
-    for (int64_t k = 0; k < g.num_sizes; ++k) {
-      const int64_t n = g.bins(k), off = layout.size_offset[k];
+    for (int64_t k = 0; k < num_sizes; ++k) {
+      const int64_t off = layout.size_offset[k];
+      const int64_t n = (k + 1 < num_sizes ? layout.size_offset[k + 1] : total) - off;
       for (int64_t i = 0; i < n; ++i) bins[off + i] = static_cast<acc_t>(o[C * off + c * n + i]);
     }
   };
@@ -158,7 +161,7 @@ void backward_level(const at::Tensor& grad_out, const at::Tensor& input, at::Int
         std::fill(gsc + b * C + c0, gsc + b * C + c0 + cb, acc_t(0));
         std::fill(gsh + b * C + c0, gsh + b * C + c0 + cb, acc_t(0));
         core::pool_channels_last_backward<scalar_t, acc_t>(
-            x + b * input.stride(0) + c0, C, cb, go_bins.data(), g, mode, sc.data() + c0,
+            x + b * input.stride(0) + c0, C, cb, go_bins.data(), plan, mode, sc.data() + c0,
             sh.data() + c0, relu, gx + b * grad_input.stride(0) + c0, gsc + b * C + c0,
             gsh + b * C + c0, t.data(), gt.data(), scratch.data(), argmax.data());
       }
@@ -167,17 +170,16 @@ void backward_level(const at::Tensor& grad_out, const at::Tensor& input, at::Int
     const at::Tensor xc = input.contiguous();
     const scalar_t* x = xc.data_ptr<scalar_t>();
     scalar_t* gx = grad_input.data_ptr<scalar_t>();
-    const int64_t plane = g.plane_size();
+    const int64_t plane = plan.g.plane_size();
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> row(g.width), bins(total), scratch(total);
+      std::vector<acc_t> bins(total), scratch(plan.plane_scratch_size());
       std::vector<int64_t> argmax(is_max ? total : 0);
-      std::vector<acc_t> plane_grad(is_max ? plane : 0);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t c = p % C;
         gather(p / C, c, bins.data());
         const core::AffineGradSums<acc_t> sums = core::pool_plane_backward<scalar_t, acc_t>(
-            x + p * plane, bins.data(), g, mode, sc[c], sh[c], relu, gx + p * plane, row.data(),
-            scratch.data(), argmax.data(), plane_grad.data());
+            x + p * plane, bins.data(), plan, mode, sc[c], sh[c], relu, gx + p * plane,
+            scratch.data(), argmax.data());
         gsc[p] = sums.grad_scale;
         gsh[p] = sums.grad_shift;
       }

@@ -1,0 +1,51 @@
+# medmtl: `make demo` and `make test` each work on a fresh machine by themselves.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# The CUDA 13 build of torch: pip takes it from this machine's local disk.
+TORCH_SPEC ?= torch==2.14.1
+export MAX_JOBS ?= 2
+CSRC := $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: all venv build test test-python test-cpp bench demo clean
+
+all: build
+
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip "setuptools>=69" wheel ninja
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q "pytest>=8" "hypothesis>=6" expecttest "pytest-benchmark>=4" "matplotlib>=3.7"
+	touch $@
+
+venv: $(VENV)/.deps
+
+# Builds medmtl._C in place (CUDA kernels too when torch is a CUDA build and
+# nvcc is found; MEDMTL_BUILD_CUDA=0 skips them for quick local iterations).
+$(VENV)/.built: $(VENV)/.deps $(CSRC) setup.py
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
+
+test: test-python test-cpp
+
+test-python: build
+	$(PY) -m pytest -q tests
+
+# The torch-free cores with AddressSanitizer and UndefinedBehaviorSanitizer.
+test-cpp:
+	cmake -S . -B build-cmake -DMEDMTL_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug > /dev/null
+	cmake --build build-cmake -j $(MAX_JOBS)
+	ctest --test-dir build-cmake --output-on-failure
+
+bench: build
+	$(PY) benchmarks/run.py --out bench-results
+
+demo: build
+	$(PY) -m medmtl info
+	$(PY) benchmarks/run.py --quick --out demo-results
+
+clean:
+	rm -rf build build-cmake *.egg-info medmtl/_C*.so bench-results demo-results $(VENV)/.built

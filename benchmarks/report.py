@@ -1,0 +1,102 @@
+"""Turns pytest-benchmark's JSON into report.md, results.csv and report.png.
+
+Speed-up is reference-eager median / provider median, for the same case in
+the same run. Bandwidth: an op's GB/s counts the bytes of its inputs (each is
+read once at best; the outputs are small); the copy provider moves the same
+bytes in and out, so its GB/s counts them twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+BASELINE = "reference"
+COPY = "copy"
+COLUMNS = ["op", "case", "provider", "median_ms", "iqr_ms", "speedup_vs_reference", "peak_mb", "gb_per_s",
+           "percent_of_copy_bandwidth", "rounds", "threads"]
+
+
+def load_rows(raw_json: Path) -> list[dict]:
+    data = json.loads(Path(raw_json).read_text())
+    rows = []
+    for bench in data["benchmarks"]:
+        info, stats = bench["extra_info"], bench["stats"]
+        moved = info["bytes"] * (2 if info["provider"] == COPY else 1)
+        rows.append(dict(op=info["op"], case=info["case"], provider=info["provider"],
+                         description=info["description"], median_ms=stats["median"] * 1e3,
+                         iqr_ms=stats["iqr"] * 1e3, peak_mb=info["peak_bytes"] / 2**20,
+                         gb_per_s=moved / stats["median"] / 1e9, rounds=stats["rounds"],
+                         threads=info["threads"]))
+    by_case = defaultdict(dict)
+    for row in rows:
+        by_case[(row["op"], row["case"])][row["provider"]] = row
+    for providers in by_case.values():
+        base, copy = providers.get(BASELINE), providers.get(COPY)
+        for row in providers.values():
+            row["speedup_vs_reference"] = base["median_ms"] / row["median_ms"] if base else float("nan")
+            row["percent_of_copy_bandwidth"] = (100 * row["gb_per_s"] / copy["gb_per_s"]
+                                                if copy and row["provider"] != COPY else float("nan"))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["# medmtl benchmark report", "",
+             f"Medians over {rows[0]['rounds'] if rows else 0} rounds, {rows[0]['threads'] if rows else '?'} threads, "
+             "all providers of a case in one process on the same inputs. Speed-up = reference-eager median / "
+             "median. Peak = bytes allocated through torch during one call. GB/s counts the inputs' bytes "
+             "(twice for the copy, which reads and writes them).", ""]
+    seen = []
+    for row in rows:
+        if (row["op"], row["case"]) not in seen:
+            seen.append((row["op"], row["case"]))
+    for op, case in seen:
+        case_rows = [r for r in rows if r["op"] == op and r["case"] == case]
+        lines += [f"## {op}: {case}", "", case_rows[0]["description"], "",
+                  "| provider | median ms | IQR ms | speed-up vs reference | peak MB | GB/s | % of copy GB/s |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in case_rows:
+            pct = "" if r["percent_of_copy_bandwidth"] != r["percent_of_copy_bandwidth"] else \
+                f"{r['percent_of_copy_bandwidth']:.0f}%"
+            lines.append(f"| {r['provider']} | {r['median_ms']:.3f} | {r['iqr_ms']:.3f} | "
+                         f"{r['speedup_vs_reference']:.2f}x | {r['peak_mb']:.2f} | {r['gb_per_s']:.1f} | {pct} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(f"{r['op']}\n{r['case']}" for r in rows))
+    providers = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != COPY]
+    width = 0.8 / max(len(providers), 1)
+    fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(cases), 4))
+    for j, provider in enumerate(providers):
+        values = [next((r["speedup_vs_reference"] for r in rows
+                        if f"{r['op']}\n{r['case']}" == c and r["provider"] == provider), 0) for c in cases]
+        ax.bar([i + j * width for i in range(len(cases))], values, width, label=provider)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + width * (len(providers) - 1) / 2 for i in range(len(cases))], cases, fontsize=8)
+    ax.set_ylabel("speed-up vs reference eager")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(raw_json: Path, out_dir: Path) -> str:
+    rows = load_rows(raw_json)
+    out_dir = Path(out_dir)
+    text = markdown(rows)
+    (out_dir / "report.md").write_text(text + "\n")
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, out_dir / "report.png")
+    return text

@@ -1,0 +1,80 @@
+"""The CUDA kernels of multiscale_pool: built and registered everywhere CUDA
+can be compiled; run against the reference where a GPU is present."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+import medmtl
+from medmtl._extension import extension_has_cuda, extension_loaded
+from medmtl.ops import multiscale_pool
+from tests.conftest import make_affine, make_features, requires_cuda_gpu
+
+CUDA_EXPECTED = (torch.version.cuda is not None and os.environ.get("MEDMTL_BUILD_CUDA") != "0"
+                 and (shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))))
+
+
+@pytest.mark.skipif(not CUDA_EXPECTED, reason="no CUDA build of torch and nvcc, or MEDMTL_BUILD_CUDA=0")
+def test_cuda_kernels_were_compiled_and_registered():
+    """In CI the CUDA sources must compile, link and register their kernels."""
+    assert extension_loaded() and extension_has_cuda(), medmtl.info()
+    for op in ("medmtl::multiscale_pool", "medmtl::multiscale_pool_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+    arches = medmtl._extension.cuda_arch_list()
+    assert "8.0" in arches and "9.0" in arches
+
+
+CASES = [
+    ([(2, 3, 7, 5), (2, 5, 13, 29)], (1, 2, 3, 6, 9)),
+    ([(2, 3, 13, 29, 3)], (1, 2, 4)),
+    ([(1, 64, 14, 14)], (1,)),
+]
+
+
+@requires_cuda_gpu
+@pytest.mark.parametrize("shapes,sizes", CASES)
+@pytest.mark.parametrize("mode", ["avg", "max"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_cuda_matches_reference(shapes, sizes, mode, layout):
+    features = [x.detach().cuda().requires_grad_() for x in make_features(shapes, layout=layout)]
+    scale, shift = make_affine(features)
+    scale = [s.detach().cuda().requires_grad_() for s in scale]
+    shift = [s.detach().cuda().requires_grad_() for s in shift]
+    params = features + scale + shift
+    results = {}
+    for backend in ("reference", "cuda"):
+        with medmtl.backend(backend):
+            out = multiscale_pool(features, sizes, mode, scale, shift, "relu")
+        grad = torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)
+        results[backend] = (out, torch.autograd.grad(out, params, grad))
+    torch.testing.assert_close(results["cuda"][0], results["reference"][0], atol=1e-5, rtol=1e-5)
+    for got, expected in zip(results["cuda"][1], results["reference"][1]):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@requires_cuda_gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_cuda_low_precision(dtype, tol):
+    features = [x.cuda().to(dtype) for x in make_features([(2, 8, 9, 7)], requires_grad=False)]
+    with medmtl.backend("cuda"):
+        got = multiscale_pool(features, (1, 3), "avg", activation="relu")
+    expected = medmtl.ops.reference.multiscale_pool([x.float() for x in features], (1, 3), "avg", None, None, "relu")
+    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
+
+
+@requires_cuda_gpu
+def test_cuda_gradcheck_and_opcheck():
+    features = [x.detach().cuda().requires_grad_() for x in make_features([(1, 2, 5, 3)], dtype=torch.float64)]
+    with medmtl.backend("cuda"):
+        assert torch.autograd.gradcheck(lambda x: multiscale_pool([x], (1, 2, 5), "max", activation="relu"),
+                                        features)
+    torch.library.opcheck(torch.ops.medmtl.multiscale_pool.default, (features, [1, 2], "avg", None, None, True))
+
+
+@requires_cuda_gpu
+def test_auto_prefers_a_gpu_backend_for_cuda_tensors():
+    assert medmtl.ops.resolve_backend("multiscale_pool", torch.device("cuda")) in ("cuda", "triton")

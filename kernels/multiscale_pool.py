@@ -14,19 +14,25 @@ floor(p*S/L) .. ceil((p+1)*S/L) - 1, at most ceil(S/L) + 1 of them.
 2-D levels are run as 3-D ones with D = 1 and one bin along D.
 
 Kernels (all grids are 1-D, so no grid axis limit of 65535 is ever hit):
-- multiscale_pool_forward_kernel: one program per (plane, bin) of one
-  (level, size); reduces the bin's flattened region in BLOCK-wide steps with the
-  affine and ReLU fused; in max mode it also writes the bin's argmax (the flat
-  position within the plane), which backward recomputes with the same kernel.
-- multiscale_pool_backward_gather_kernel: one program per BLOCK positions of a
-  plane, for one (level, size); adds to a float32/float64 accumulator the
-  gradient each position receives from the bins containing it (avg: g / count
-  per bin; max: g where the bin's argmax is this position). Each launch owns its
-  positions, launches run in stream order: deterministic, no atomics.
-- multiscale_pool_backward_finish_kernel: one program per BLOCK positions of a
-  plane, per level; applies the ReLU mask, writes grad_x = g * scale, and one
+- multiscale_pool_forward_kernel: per (level, size), one program per BLOCK_BINS
+  (plane, bin) rows; a (BLOCK_BINS, BLOCK_K) tile walks each row's bin, flattened
+  row-major, BLOCK_K elements a step, with the affine and ReLU fused; a running
+  per-element state (sum, or max value + position) is reduced once at the end. In
+  max mode it also writes each bin's argmax (flat position within the plane),
+  which backward recomputes with the same kernel. BLOCK_K fits the largest bin, so
+  small bins (pyramid pooling) share a program and big ones (global pooling) loop.
+- multiscale_pool_backward_gather_kernel: per (level, size), one program per BLOCK
+  input elements; adds to a float32/float64 accumulator the gradient each position
+  receives from the bins containing it (avg: g / count per bin; max: g where the
+  bin's argmax is this position). Each launch owns its elements and launches run
+  in stream order: deterministic, no atomics.
+- multiscale_pool_backward_finish_kernel: per level, one program per BLOCK
+  positions of a plane; applies the ReLU mask, writes grad_x = g * scale, and one
   partial sum per program of g * x (grad_scale) and g (grad_shift), which the
-  host reduces with torch.sum.
+  host reduces with torch.sum (deterministic).
+
+Float16/bfloat16/float32 accumulate in float32, float64 in float64. scale/shift
+None are passed as ones/zeros. relu is a runtime flag (a select per element).
 
 Index assumption: one plane (D*H*W elements) has fewer than 2^31 elements;
 plane and row offsets are computed in int64.
@@ -41,8 +47,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Forward: BLOCK is the smallest of these that holds a whole bin (else the last).
-FORWARD_BLOCKS = (64, 256, 1024)
+# Forward tiles (BLOCK_BINS, BLOCK_K) of 1024 elements: BLOCK_K is the smallest of these
+# that holds the largest bin (else 1024, looping), BLOCK_BINS = 1024 // BLOCK_K.
+FORWARD_TILE = 1024
+FORWARD_BLOCK_KS = (4, 16, 64, 256, 1024)
 GATHER_BLOCK = 256
 FINISH_BLOCK = 1024
 
@@ -91,13 +99,20 @@ def multiscale_pool_forward_kernel(
     C, D, H, W,
     S_D, S,       # bins along D (1 for 2-D levels) and along H and W
     num_bins,     # S_D * S * S
+    num_rows,     # B * C * num_bins: every (plane, bin) pair
+    max_count,    # most elements in one bin (loop bound)
     out_stride, out_col, channel_offset,
-    IS_MAX: tl.constexpr, RELU: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    relu,         # 1: ReLU after the affine, 0: none
+    IS_MAX: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_BINS: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Grid (B * C * num_bins,): program = one bin of one (batch, channel) plane."""
+    """Grid (cdiv(num_rows, BLOCK_BINS),): program = BLOCK_BINS (plane, bin) rows, each
+    reduced over its bin's elements BLOCK_K at a time (tile (BLOCK_BINS, BLOCK_K))."""
     pid = tl.program_id(0)
-    plane = pid // num_bins            # b * C + c
-    bin = pid % num_bins               # (bd, bh, bw) row-major
+    rows = pid * BLOCK_BINS + tl.arange(0, BLOCK_BINS)   # plane * num_bins + bin
+    row_ok = rows < num_rows
+    plane = rows // num_bins                            # b * C + c
+    bin = rows % num_bins                               # (bd, bh, bw) row-major
     b = plane // C
     c = plane % C
     bw = bin % S
@@ -110,80 +125,81 @@ def multiscale_pool_forward_kernel(
     nh = _adaptive_end(bh, H, S) - h0
     nw = _adaptive_end(bw, W, S) - w0
     nhw = nh * nw
-    count = (_adaptive_end(bd, D, S_D) - d0) * nhw   # elements in the bin
+    count = (_adaptive_end(bd, D, S_D) - d0) * nhw      # elements in each row's bin, >= 1
 
-    scale = tl.load(scale_ptr + channel_offset + c).to(ACC_DTYPE)
-    shift = tl.load(shift_ptr + channel_offset + c).to(ACC_DTYPE)
-    x_plane = x_ptr + plane.to(tl.int64) * (D * H * W)
-    lanes = tl.arange(0, BLOCK)
+    scale = tl.load(scale_ptr + channel_offset + c, mask=row_ok, other=1.0).to(ACC_DTYPE)
+    shift = tl.load(shift_ptr + channel_offset + c, mask=row_ok, other=0.0).to(ACC_DTYPE)
+    x_plane = plane.to(tl.int64) * (D * H * W)          # offset of each row's plane
+    cols = tl.arange(0, BLOCK_K)
 
-    # Per-lane running state; lane j sees the bin's elements j, j + BLOCK, ...
+    # Running state per tile element; element (r, j) sees bin r's elements j, j + BLOCK_K, ...
     if IS_MAX:
-        best = tl.full([BLOCK], float("-inf"), ACC_DTYPE)
-        best_pos = tl.full([BLOCK], _NO_INDEX, tl.int32)
+        best = tl.full([BLOCK_BINS, BLOCK_K], float("-inf"), ACC_DTYPE)
+        best_pos = tl.full([BLOCK_BINS, BLOCK_K], _NO_INDEX, tl.int32)
     else:
-        total = tl.zeros([BLOCK], ACC_DTYPE)
-    for k0 in range(0, count, BLOCK):
-        k = k0 + lanes                  # flat index within the bin, row-major (kd, kh, kw)
-        mask = k < count
-        kd = k // nhw
-        khw = k % nhw
-        kh = khw // nw
-        kw = khw % nw
-        pos = ((d0 + kd) * H + h0 + kh) * W + w0 + kw   # flat position within the plane
-        x = tl.load(x_plane + pos, mask=mask, other=0.0).to(ACC_DTYPE)
-        y = x * scale + shift
-        if RELU:
-            y = tl.where(y < 0, 0.0, y)            # NaN passes, as in torch.relu
+        total = tl.zeros([BLOCK_BINS, BLOCK_K], ACC_DTYPE)
+    for k0 in range(0, max_count, BLOCK_K):
+        k = k0 + cols[None, :]                          # flat index within the bin, row-major (kd, kh, kw)
+        mask = row_ok[:, None] & (k < count[:, None])
+        kd = k // nhw[:, None]
+        khw = k % nhw[:, None]
+        kh = khw // nw[:, None]
+        kw = khw % nw[:, None]
+        pos = ((d0[:, None] + kd) * H + h0[:, None] + kh) * W + w0[:, None] + kw   # flat position in the plane
+        x = tl.load(x_ptr + x_plane[:, None] + pos, mask=mask, other=0.0).to(ACC_DTYPE)
+        y = x * scale[:, None] + shift[:, None]
+        y = tl.where((relu != 0) & (y < 0), 0.0, y)     # NaN passes, as in torch.relu
         if IS_MAX:
-            # Row-major order in the bin is increasing pos, so pos orders the scan.
+            # Row-major order in the bin is increasing pos, so pos orders PyTorch's scan.
             y = tl.where(mask, y, float("-inf"))
             pos = tl.where(mask, pos, _NO_INDEX)
             best, best_pos = _max_pool_combine(best, best_pos, y, pos)
         else:
             total += tl.where(mask, y, 0.0)
 
-    row = out_ptr + b.to(tl.int64) * out_stride + out_col + c * num_bins + bin
+    out_offs = b.to(tl.int64) * out_stride + out_col + c * num_bins + bin
     if IS_MAX:
-        # Reduce the lanes with _max_pool_combine's order, from plain reductions:
+        # Reduce each row with _max_pool_combine's order, from plain reductions:
         # the last NaN if any, else the first position of the largest value.
         is_nan = best != best
-        any_nan = tl.max(is_nan.to(tl.int32), axis=0) > 0
-        nan_pos = tl.max(tl.where(is_nan, best_pos, -1), axis=0)
+        any_nan = tl.max(is_nan.to(tl.int32), axis=1) > 0
+        nan_pos = tl.max(tl.where(is_nan, best_pos, -1), axis=1)
         numbers = tl.where(is_nan, float("-inf"), best)
-        vmax = tl.max(numbers, axis=0)
-        max_pos = tl.min(tl.where(numbers == vmax, best_pos, _NO_INDEX), axis=0)
+        vmax = tl.max(numbers, axis=1)
+        max_pos = tl.min(tl.where(numbers == vmax[:, None], best_pos, _NO_INDEX), axis=1)
         arg = tl.where(any_nan, nan_pos, max_pos)
-        value = tl.load(x_plane + arg).to(ACC_DTYPE) * scale + shift   # the winner, recomputed
-        if RELU:
-            value = tl.where(value < 0, 0.0, value)
-        tl.store(row, value.to(out_ptr.dtype.element_ty))
-        tl.store(idx_ptr + pid, arg)
+        # the winner's value, recomputed from x (keeps NaN payloads, avoids a NaN-aware max)
+        value = tl.load(x_ptr + x_plane + arg, mask=row_ok, other=0.0).to(ACC_DTYPE) * scale + shift
+        value = tl.where((relu != 0) & (value < 0), 0.0, value)
+        tl.store(out_ptr + out_offs, value.to(out_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(idx_ptr + rows, arg, mask=row_ok)
     else:
-        tl.store(row, (tl.sum(total, axis=0) / count).to(out_ptr.dtype.element_ty))
+        mean = tl.sum(total, axis=1) / count
+        tl.store(out_ptr + out_offs, mean.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
 def multiscale_pool_backward_gather_kernel(
     grad_out_ptr,  # (B, out_stride) gradient of the op's output
     idx_ptr,       # (B * C * num_bins,) int32 argmax positions (max mode only; else unused)
-    acc_ptr,       # (B * C * D * H * W,) float32/float64 gradient wrt y (after act), accumulated
+    acc_ptr,       # (B * C * D * H * W,) float32/float64 gradient wrt act(y), accumulated
     C, D, H, W,
     S_D, S, num_bins,
+    num_elements,  # B * C * D * H * W
     out_stride, out_col,
     KD, KH, KW,    # most bins containing one position along D, H, W (loop bounds)
-    blocks_per_plane,
     IS_MAX: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Grid (B * C * blocks_per_plane,): program = BLOCK positions of one plane."""
+    """Grid (cdiv(num_elements, BLOCK),): program = BLOCK consecutive input elements."""
     pid = tl.program_id(0)
-    plane = pid // blocks_per_plane
-    blk = pid % blocks_per_plane
-    b = plane // C
-    c = plane % C
+    e = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)   # flat element index in (B, C, D, H, W)
+    ok_e = e < num_elements
     hw = H * W
-    p = blk * BLOCK + tl.arange(0, BLOCK)   # flat positions within the plane
-    in_plane = p < D * hw
+    plane_size = D * hw
+    plane = e // plane_size                                # b * C + c
+    p = (e % plane_size).to(tl.int32)                      # flat position within the plane
+    b = plane // C
+    c = (plane % C).to(tl.int32)
     d = p // hw
     h = (p % hw) // W
     w = p % W
@@ -195,13 +211,12 @@ def multiscale_pool_backward_gather_kernel(
     lh = _adaptive_end(h, S, H) - 1
     lw = _adaptive_end(w, S, W) - 1
 
-    grad_row = grad_out_ptr + b.to(tl.int64) * out_stride + out_col + c * num_bins
-    idx_plane = idx_ptr + plane.to(tl.int64) * num_bins
-    acc_plane = acc_ptr + plane.to(tl.int64) * (D * hw)
+    grad_row = b * out_stride + out_col + c * num_bins    # offset of bin 0 of this plane's channel
+    idx_plane = plane * num_bins
     acc = tl.zeros([BLOCK], acc_ptr.dtype.element_ty)
     for i in range(0, KD):
         bd = fd + i
-        ok_d = in_plane & (bd <= ld)
+        ok_d = ok_e & (bd <= ld)
         nd = _adaptive_end(bd, D, S_D) - _adaptive_start(bd, D, S_D)
         for j in range(0, KH):
             bh = fh + j
@@ -211,15 +226,15 @@ def multiscale_pool_backward_gather_kernel(
                 bw = fw + k
                 ok = ok_dh & (bw <= lw)
                 bin = (bd * S + bh) * S + bw
-                g = tl.load(grad_row + bin, mask=ok, other=0.0).to(acc_ptr.dtype.element_ty)
+                g = tl.load(grad_out_ptr + grad_row + bin, mask=ok, other=0.0).to(acc_ptr.dtype.element_ty)
                 if IS_MAX:
-                    arg = tl.load(idx_plane + bin, mask=ok, other=-1)
+                    arg = tl.load(idx_ptr + idx_plane + bin, mask=ok, other=-1)
                     acc += tl.where(arg == p, g, 0.0)
                 else:
                     count = ndh * (_adaptive_end(bw, W, S) - _adaptive_start(bw, W, S))
                     acc += tl.where(ok, g / tl.maximum(count, 1), 0.0)
-    prev = tl.load(acc_plane + p, mask=in_plane, other=0.0)
-    tl.store(acc_plane + p, prev + acc, mask=in_plane)
+    prev = tl.load(acc_ptr + e, mask=ok_e, other=0.0)
+    tl.store(acc_ptr + e, prev + acc, mask=ok_e)
 
 
 @triton.jit
@@ -232,7 +247,8 @@ def multiscale_pool_backward_finish_kernel(
     part_scale_ptr,   # (B * C * blocks_per_plane,) acc dtype: partial sums of g * x
     part_shift_ptr,   # (B * C * blocks_per_plane,) acc dtype: partial sums of g
     C, P, channel_offset, blocks_per_plane,
-    RELU: tl.constexpr, BLOCK: tl.constexpr,
+    relu,             # 1: ReLU after the affine, 0: none
+    BLOCK: tl.constexpr,
 ):
     """Grid (B * C * blocks_per_plane,): program = BLOCK positions of one plane of P."""
     pid = tl.program_id(0)
@@ -247,8 +263,7 @@ def multiscale_pool_backward_finish_kernel(
     shift = tl.load(shift_ptr + channel_offset + c).to(acc_ty)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
     g = tl.load(acc_ptr + offs, mask=mask, other=0.0)
-    if RELU:
-        g = tl.where(x * scale + shift > 0, g, 0.0)   # torch.relu's backward: y > 0 only
+    g = tl.where((relu == 0) | (x * scale + shift > 0), g, 0.0)   # torch.relu's backward: y > 0 only
     tl.store(grad_x_ptr + offs, (g * scale).to(grad_x_ptr.dtype.element_ty), mask=mask)
     tl.store(part_scale_ptr + pid, tl.sum(g * x, axis=0))
     tl.store(part_shift_ptr + pid, tl.sum(g, axis=0))
@@ -281,11 +296,10 @@ def _max_bins_containing(length: int, bins: int) -> int:
     return max(((p + 1) * bins + length - 1) // length - (p * bins) // length for p in range(length))
 
 
-def _forward_block(bin_elements: int) -> int:
-    for block in FORWARD_BLOCKS:
-        if bin_elements <= block:
-            return block
-    return FORWARD_BLOCKS[-1]
+def _forward_blocks(bin_elements: int) -> tuple[int, int]:
+    """(BLOCK_BINS, BLOCK_K) of the forward tile for bins of at most bin_elements."""
+    block_k = next((k for k in FORWARD_BLOCK_KS if bin_elements <= k), FORWARD_BLOCK_KS[-1])
+    return FORWARD_TILE // block_k, block_k
 
 
 def _affine(param: torch.Tensor | None, fill: float, channels: int, like: torch.Tensor) -> torch.Tensor:
@@ -304,12 +318,14 @@ def _launch_forward(x, scale, shift, out, idx, out_col, channel_offset, size, is
     D, H, W = _spatial(x)
     s_d = size if x.dim() == 5 else 1
     num_bins = s_d * size * size
-    bin_elements = _max_bin_length(D, s_d) * _max_bin_length(H, size) * _max_bin_length(W, size)
-    multiscale_pool_forward_kernel[(B * C * num_bins,)](
+    num_rows = B * C * num_bins
+    max_count = _max_bin_length(D, s_d) * _max_bin_length(H, size) * _max_bin_length(W, size)
+    block_bins, block_k = _forward_blocks(max_count)
+    multiscale_pool_forward_kernel[(triton.cdiv(num_rows, block_bins),)](
         x, scale, shift, out, idx,
-        C, D, H, W, s_d, size, num_bins,
-        out.shape[1], out_col, channel_offset,
-        IS_MAX=is_max, RELU=relu, ACC_DTYPE=_tl_acc_dtype(x.dtype), BLOCK=_forward_block(bin_elements),
+        C, D, H, W, s_d, size, num_bins, num_rows, max_count,
+        out.shape[1], out_col, channel_offset, int(relu),
+        IS_MAX=is_max, ACC_DTYPE=_tl_acc_dtype(x.dtype), BLOCK_BINS=block_bins, BLOCK_K=block_k,
     )
 
 
@@ -386,7 +402,6 @@ def multiscale_pool_backward(
             D, H, W = _spatial(x)
             P = D * H * W
             acc = torch.zeros(B * C * P, dtype=acc_dtype, device=device)
-            blocks = triton.cdiv(P, GATHER_BLOCK)
             for size in output_sizes:
                 s_d = size if dims == 3 else 1
                 num_bins = s_d * size * size
@@ -396,12 +411,11 @@ def multiscale_pool_backward(
                     idx = torch.empty(B * C * num_bins, dtype=torch.int32, device=device)
                     scratch = torch.empty((B, C * num_bins), dtype=dtype, device=device)
                     _launch_forward(x, scale, shift, scratch, idx, 0, channel_offset, size, True, relu)
-                multiscale_pool_backward_gather_kernel[(B * C * blocks,)](
+                multiscale_pool_backward_gather_kernel[(triton.cdiv(B * C * P, GATHER_BLOCK),)](
                     grad_output, idx, acc,
-                    C, D, H, W, s_d, size, num_bins,
+                    C, D, H, W, s_d, size, num_bins, B * C * P,
                     grad_output.shape[1], out_col,
                     _max_bins_containing(D, s_d), _max_bins_containing(H, size), _max_bins_containing(W, size),
-                    blocks,
                     IS_MAX=is_max, BLOCK=GATHER_BLOCK,
                 )
                 out_col += C * num_bins
@@ -411,8 +425,8 @@ def multiscale_pool_backward(
             part_shift = torch.empty_like(part_scale)
             multiscale_pool_backward_finish_kernel[(B * C * finish_blocks,)](
                 x, scale, shift, acc, grad_x, part_scale, part_shift,
-                C, P, channel_offset, finish_blocks,
-                RELU=relu, BLOCK=FINISH_BLOCK,
+                C, P, channel_offset, finish_blocks, int(relu),
+                BLOCK=FINISH_BLOCK,
             )
             grads.append(grad_x)
             # deterministic reduction of the per-program partials over batch and blocks
@@ -436,38 +450,39 @@ def aot_kernels() -> list[tuple[str, object, dict[str, str], dict[str, object]]]
         triton.compile(ASTSource(fn=jit_function, signature=signature, constexprs=constexprs)).
     """
     entries = []
-    for (dt, acc), is_max, relu, block in itertools.product(
-            _AOT_DTYPES.items(), (False, True), (False, True), FORWARD_BLOCKS):
+    for (dt, acc), is_max, block_k in itertools.product(_AOT_DTYPES.items(), (False, True), FORWARD_BLOCK_KS):
         signature = {
             "x_ptr": f"*{dt}", "scale_ptr": f"*{dt}", "shift_ptr": f"*{dt}", "out_ptr": f"*{dt}",
             "idx_ptr": "*i32",
-            **{name: "i32" for name in ("C", "D", "H", "W", "S_D", "S", "num_bins",
-                                        "out_stride", "out_col", "channel_offset")},
-            "IS_MAX": "constexpr", "RELU": "constexpr", "ACC_DTYPE": "constexpr", "BLOCK": "constexpr",
+            **{name: "i32" for name in ("C", "D", "H", "W", "S_D", "S", "num_bins", "num_rows",
+                                        "max_count", "out_stride", "out_col", "channel_offset", "relu")},
+            "IS_MAX": "constexpr", "ACC_DTYPE": "constexpr",
+            "BLOCK_BINS": "constexpr", "BLOCK_K": "constexpr",
         }
-        constexprs = {"IS_MAX": is_max, "RELU": relu, "ACC_DTYPE": acc, "BLOCK": block}
-        name = f"multiscale_pool_forward_{dt}_{'max' if is_max else 'avg'}{'_relu' if relu else ''}_b{block}"
+        constexprs = {"IS_MAX": is_max, "ACC_DTYPE": acc,
+                      "BLOCK_BINS": FORWARD_TILE // block_k, "BLOCK_K": block_k}
+        name = f"multiscale_pool_forward_{dt}_{'max' if is_max else 'avg'}_k{block_k}"
         entries.append((name, multiscale_pool_forward_kernel, signature, constexprs))
     for (dt, acc), is_max in itertools.product(_AOT_DTYPES.items(), (False, True)):
         acc_str = "fp64" if acc == tl.float64 else "fp32"
         signature = {
             "grad_out_ptr": f"*{dt}", "idx_ptr": "*i32", "acc_ptr": f"*{acc_str}",
-            **{name: "i32" for name in ("C", "D", "H", "W", "S_D", "S", "num_bins", "out_stride", "out_col",
-                                        "KD", "KH", "KW", "blocks_per_plane")},
+            **{name: "i32" for name in ("C", "D", "H", "W", "S_D", "S", "num_bins", "num_elements",
+                                        "out_stride", "out_col", "KD", "KH", "KW")},
             "IS_MAX": "constexpr", "BLOCK": "constexpr",
         }
         constexprs = {"IS_MAX": is_max, "BLOCK": GATHER_BLOCK}
         name = f"multiscale_pool_backward_gather_{dt}_{'max' if is_max else 'avg'}"
         entries.append((name, multiscale_pool_backward_gather_kernel, signature, constexprs))
-    for (dt, acc), relu in itertools.product(_AOT_DTYPES.items(), (False, True)):
+    for dt, acc in _AOT_DTYPES.items():
         acc_str = "fp64" if acc == tl.float64 else "fp32"
         signature = {
             "x_ptr": f"*{dt}", "scale_ptr": f"*{dt}", "shift_ptr": f"*{dt}", "acc_ptr": f"*{acc_str}",
             "grad_x_ptr": f"*{dt}", "part_scale_ptr": f"*{acc_str}", "part_shift_ptr": f"*{acc_str}",
-            **{name: "i32" for name in ("C", "P", "channel_offset", "blocks_per_plane")},
-            "RELU": "constexpr", "BLOCK": "constexpr",
+            **{name: "i32" for name in ("C", "P", "channel_offset", "blocks_per_plane", "relu")},
+            "BLOCK": "constexpr",
         }
-        constexprs = {"RELU": relu, "BLOCK": FINISH_BLOCK}
-        name = f"multiscale_pool_backward_finish_{dt}{'_relu' if relu else ''}"
+        constexprs = {"BLOCK": FINISH_BLOCK}
+        name = f"multiscale_pool_backward_finish_{dt}"
         entries.append((name, multiscale_pool_backward_finish_kernel, signature, constexprs))
     return entries

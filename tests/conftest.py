@@ -24,7 +24,8 @@ requires_cuda_gpu = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def _default_backend():
-    """Every test starts and ends with the `auto` backend."""
+    """Every test starts and ends with the `auto` backend, and the same global seed."""
+    torch.manual_seed(0)
     medmtl.set_backend("auto")
     yield
     medmtl.set_backend("auto")

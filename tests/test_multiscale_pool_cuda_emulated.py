@@ -1,0 +1,520 @@
+"""The CUDA kernels of multiscale_pool, run on the CPU.
+
+The kernels of csrc/cuda/multiscale_pool_kernel.cu cannot run without a GPU,
+so this module compiles a copy of the .cu with g++ against the emulation of
+tests/cuda_emulation/cuda_emu.h (threads as fibers, blocks one after another;
+see that file for what is and is not emulated) and calls the launchers through
+tests/cuda_emulation/driver.cpp and ctypes, the way the torch wrapper
+csrc/cuda/multiscale_pool_cuda.cpp does, then compares the results with the
+CPU op. Two builds: the kernels as they are, and a "small limits" one with tiny
+grid / block / sizes-per-launch limits so that the grid-stride loops and the
+multi-launch backward run on small inputs.
+
+Buffers handed to the kernels sit between guard zones: writes outside the
+outputs are reported, reads outside the inputs see NaN (poison), outputs start
+out filled with a sentinel that must be overwritten.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import re
+import shutil
+import site
+import subprocess
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from medmtl._extension import extension_loaded
+
+TESTS = Path(__file__).resolve().parent
+EMULATION = TESTS / "cuda_emulation"
+CSRC = TESTS.parent / "csrc"
+KERNEL_CU = CSRC / "cuda" / "multiscale_pool_kernel.cu"
+KERNEL_H = CSRC / "cuda" / "multiscale_pool_kernel.h"
+CUDA_HEADERS = ("cuda_runtime_api.h", "cuda_fp16.h", "cuda_bf16.h")
+
+# The "small limits" build: constant -> (file, value).
+SMALL_LIMITS = {
+    "kMaxGridX": ("cu", 2),
+    "kMaxGridY": ("cu", 3),
+    "kBackwardTargetBlocks": ("cu", 8),
+    "kMaxForwardThreads": ("cu", 64),
+    "kBackwardThreads": ("cu", 64),
+    "kMaxSizesPerLaunch": ("h", 2),
+}
+
+DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+ACC_DTYPE = {torch.float32: torch.float32, torch.float64: torch.float64,
+             torch.float16: torch.float32, torch.bfloat16: torch.float32}
+TOLERANCE = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+GUARD = 64              # elements of guard zone on each side of a buffer
+SENTINEL = -12288.0     # initial value of the outputs (exact in every dtype)
+INT_SENTINEL = -7       # initial value of the argmax scratch
+
+
+# ---------------------------------------------------------------------------
+# Source preparation and build.
+
+LAUNCH = re.compile(r"(?P<kernel>[A-Za-z_]\w*(?:\s*<[^<>;(){}]*>)?)\s*<<<(?P<config>[^;]*?)>>>\s*\(")
+
+
+def rewrite_launches(source: str) -> str:
+    """`kernel<<<config>>>(` -> `::emu::launch("kernel", kernel, config)(`, every one of them."""
+    expected = source.count("<<<")
+
+    def launch(m: re.Match) -> str:
+        kernel = " ".join(m["kernel"].split())
+        return f'::emu::launch("{kernel}", {kernel}, {" ".join(m["config"].split())})('
+
+    rewritten, count = LAUNCH.subn(launch, source)
+    if count == 0 or count != expected or "<<<" in rewritten or ">>>" in rewritten:
+        raise AssertionError(
+            f"{KERNEL_CU}: rewrote {count} kernel launches but the source has {expected} `<<<`; "
+            "update LAUNCH in this test to the launch syntax the kernels use")
+    return rewritten
+
+
+def set_constants(source: str, values: dict[str, int], path: Path) -> str:
+    for name, value in values.items():
+        pattern = re.compile(rf"(\bconstexpr\s+[\w:]+\s+{name}\s*=\s*)[^;]+;")
+        source, count = pattern.subn(rf"\g<1>{value};", source)
+        if count != 1:
+            raise AssertionError(f"{path}: `constexpr ... {name} = ...;` matched {count} times, not once")
+    return source
+
+
+def site_package_dirs() -> list[Path]:
+    dirs = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    try:
+        dirs.update(site.getsitepackages())
+    except AttributeError:  # some virtualenvs
+        pass
+    return [Path(d) for d in sorted(dirs)]
+
+
+def find_cuda_include(cxx: str) -> tuple[Path | None, str]:
+    """The first include dir with usable CUDA headers, or None and why not."""
+    candidates = [Path(os.environ[v]) / "include" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    candidates += [Path(p) for p in sorted(glob.glob("/usr/local/cuda*/include"))]
+    for sp in site_package_dirs():
+        candidates += sorted(sp.glob("nvidia/cu*/include")) + sorted(sp.glob("nvidia/cuda_runtime/include"))
+    problems = []
+    probe = "".join(f"#include <{h}>\n" for h in CUDA_HEADERS)
+    for inc in dict.fromkeys(candidates):
+        if not all((inc / h).is_file() for h in CUDA_HEADERS):
+            continue
+        # Some packaged copies lack the internal headers (crt/, nv/) these include.
+        r = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-x", "c++", "-I", str(inc), "-"],
+                           input=probe, capture_output=True, text=True)
+        if r.returncode == 0:
+            return inc, ""
+        errors = [line for line in r.stderr.splitlines() if "error" in line] or ["does not compile"]
+        problems.append(f"{inc}: {errors[0]}")
+    where = "; ".join(problems) if problems else "none in CUDA_HOME, /usr/local/cuda*, site-packages/nvidia"
+    return None, f"no usable CUDA headers ({', '.join(CUDA_HEADERS)}): {where}"
+
+
+def prepare_sources(root: Path, small: bool) -> Path:
+    """A copy of csrc/{core,cuda} with the launches rewritten; returns its cuda dir."""
+    shutil.copytree(CSRC / "core", root / "core")
+    (root / "cuda").mkdir()
+    cu = rewrite_launches(KERNEL_CU.read_text())
+    h = KERNEL_H.read_text()
+    if small:
+        cu = set_constants(cu, {k: v for k, (f, v) in SMALL_LIMITS.items() if f == "cu"}, KERNEL_CU)
+        h = set_constants(h, {k: v for k, (f, v) in SMALL_LIMITS.items() if f == "h"}, KERNEL_H)
+    (root / "cuda" / KERNEL_CU.name).write_text(cu)
+    (root / "cuda" / KERNEL_H.name).write_text(h)
+    return root / "cuda"
+
+
+class Emulated:
+    """One build of the kernels, loaded with ctypes."""
+
+    def __init__(self, path: Path, name: str):
+        self.name = name
+        lib = self.lib = ctypes.CDLL(str(path))
+        P, I = ctypes.c_void_p, ctypes.c_int
+        lib.emu_reset.argtypes, lib.emu_reset.restype = [ctypes.c_uint64], None
+        lib.emu_error.argtypes, lib.emu_error.restype = [], ctypes.c_char_p
+        lib.emu_log.argtypes, lib.emu_log.restype = [], ctypes.c_char_p
+        lib.emu_workspace.argtypes, lib.emu_workspace.restype = [P, P, P, I, P], None
+        lib.emu_forward.argtypes, lib.emu_forward.restype = [I, P, P, P, P, P, P, I, I, P], I
+        lib.emu_backward.argtypes, lib.emu_backward.restype = [I, P, P, P, P, P, P, P, I, I, P, P, P, P, P], I
+        lib.emu_selftest.argtypes, lib.emu_selftest.restype = [I, P], I
+
+    def launches(self) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+        """(kernel, grid, block) of the launches since the last reset."""
+        out = []
+        for line in self.lib.emu_log().decode().splitlines():
+            *kernel, gx, gy, gz, bx, by, bz = line.split()
+            out.append((" ".join(kernel), (int(gx), int(gy), int(gz)), (int(bx), int(by), int(bz))))
+        return out
+
+    def check(self, status: int, what: str):
+        assert status == 0, f"{self.name}: {what} failed with cudaError {status}: {self.lib.emu_error().decode()}"
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory) -> dict[str, Emulated]:
+    if not extension_loaded():
+        pytest.skip("medmtl._C is not built: no CPU op to compare with")
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ not found: cannot build the CUDA emulation")
+    include, why = find_cuda_include(cxx)
+    if include is None:
+        pytest.skip(why)
+    root = tmp_path_factory.mktemp("cuda_emulation")
+    builds = {}
+    for name in ("real", "small"):
+        cuda_dir = prepare_sources(root / name, small=name == "small")
+        lib = root / f"libemu_{name}.so"
+        cmd = [cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-fvisibility=hidden",
+               "-Wl,-z,defs", "-Wall", "-Wno-unknown-pragmas", "-I", str(include), "-I", str(cuda_dir),
+               "-I", str(EMULATION), str(EMULATION / "driver.cpp"), "-o", str(lib)]
+        builds[name] = (lib, cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                   text=True))
+    out = {}
+    for name, (lib, cmd, proc) in builds.items():
+        log, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise AssertionError(f"building the {name} emulation failed:\n{' '.join(cmd)}\n{log[-6000:]}")
+        out[name] = Emulated(lib, name)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Guarded buffers.
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+class Guarded:
+    """A flat buffer with guard zones of `fill` on each side; `.t` is the tensor in between."""
+
+    def __init__(self, shape, dtype, value, fill):
+        n = 1
+        for s in shape:
+            n *= s
+        self.n, self.fill = n, fill
+        self.buf = torch.full((n + 2 * GUARD,), fill, dtype=dtype)
+        self.t = self.buf[GUARD:GUARD + n].view(shape)
+        if isinstance(value, torch.Tensor):
+            self.t.copy_(value.reshape(shape))
+        else:
+            self.t.fill_(value)
+
+    def ptr(self, offset: int = 0) -> int:
+        return self.t.data_ptr() + offset * self.buf.element_size()
+
+    def check_guards(self, what: str):
+        expected = _bits(torch.full((GUARD,), self.fill, dtype=self.buf.dtype))
+        for zone, side in ((self.buf[:GUARD], "before"), (self.buf[GUARD + self.n:], "after")):
+            intact = torch.equal(_bits(zone), expected)
+            assert intact, f"the kernels wrote {side} {what}"
+
+
+def guarded_input(t: torch.Tensor) -> Guarded:
+    poison = float("nan") if t.is_floating_point() else -1
+    return Guarded(tuple(t.shape), t.dtype, t.contiguous(), poison)
+
+
+def guarded_output(shape, dtype) -> Guarded:
+    fill = INT_SENTINEL if dtype == torch.int64 else SENTINEL
+    return Guarded(shape, dtype, fill, fill)
+
+
+def assert_written(g: Guarded, what: str):
+    if g.n:
+        stale = _bits(g.t.reshape(-1)) == _bits(torch.tensor([SENTINEL], dtype=g.t.dtype))
+        assert not stale.any(), f"{what}: {int(stale.sum())} of {g.n} elements never written"
+
+
+def assert_unchanged(g: Guarded, original: torch.Tensor, what: str):
+    g.check_guards(what)
+    unchanged = torch.equal(_bits(g.t.reshape(-1)), _bits(original.contiguous().reshape(-1)))
+    assert unchanged, f"the kernels wrote {what}"
+
+
+# ---------------------------------------------------------------------------
+# The torch wrapper of csrc/cuda/multiscale_pool_cuda.cpp, in Python.
+
+@dataclass
+class Layout:
+    spatial_dims: int
+    size_offset: list[int]
+    bins_per_channel: int
+    total_columns: int
+    output_offset: list[int]
+    channel_offset: list[int]
+
+
+def layout_of(features, sizes) -> Layout:
+    sd = features[0].dim() - 2
+    size_offset, bins = [], 0
+    for s in sizes:
+        size_offset.append(bins)
+        bins += s ** sd
+    output_offset, channel_offset, cols, chans = [], [], 0, 0
+    for x in features:
+        output_offset.append(cols)
+        channel_offset.append(chans)
+        cols += x.shape[1] * bins
+        chans += x.shape[1]
+    return Layout(sd, size_offset, bins, cols, output_offset, channel_offset)
+
+
+def level_array(x, sizes, lay: Layout, i) -> torch.Tensor:
+    depth = x.shape[2] if lay.spatial_dims == 3 else 1
+    return torch.tensor([x.shape[0], x.shape[1], depth, x.shape[-2], x.shape[-1], lay.spatial_dims,
+                         len(sizes), lay.bins_per_channel, lay.total_columns, lay.output_offset[i]],
+                        dtype=torch.int64)
+
+
+def _ptr(t) -> int:
+    return t.data_ptr()
+
+
+def emulated_forward(emu: Emulated, features, sizes, mode, scale, shift, relu):
+    lay = layout_of(features, sizes)
+    dtype = features[0].dtype
+    out = guarded_output((features[0].shape[0], lay.total_columns), dtype)
+    S = torch.tensor(sizes, dtype=torch.int64)
+    O = torch.tensor(lay.size_offset, dtype=torch.int64)
+    sc = guarded_input(scale) if scale is not None else None
+    sh = guarded_input(shift) if shift is not None else None
+    for i, x in enumerate(features):
+        gx = guarded_input(x)
+        level = level_array(x, sizes, lay, i)  # kept alive during the call
+        c0 = lay.channel_offset[i]
+        status = emu.lib.emu_forward(
+            DTYPE_CODE[dtype], _ptr(level), _ptr(S), _ptr(O), gx.ptr(),
+            sc.ptr(c0) if sc else None, sh.ptr(c0) if sh else None, int(relu), int(mode == "max"),
+            out.ptr())
+        emu.check(status, f"forward of level {i}")
+        assert_unchanged(gx, x, f"input level {i}")
+    for g, t, what in ((sc, scale, "scale"), (sh, shift, "shift")):
+        if g is not None:
+            assert_unchanged(g, t, what)
+    out.check_guards("the output")
+    assert_written(out, "output")
+    return out.t
+
+
+def emulated_backward(emu: Emulated, grad_output, features, sizes, mode, scale, shift, relu):
+    lay = layout_of(features, sizes)
+    dtype = features[0].dtype
+    acc = ACC_DTYPE[dtype]
+    is_max = int(mode == "max")
+    S = torch.tensor(sizes, dtype=torch.int64)
+    O = torch.tensor(lay.size_offset, dtype=torch.int64)
+    go = guarded_input(grad_output)
+    sc = guarded_input(scale) if scale is not None else None
+    sh = guarded_input(shift) if shift is not None else None
+    grads, scale_grads, shift_grads = [], [], []
+    for i, x in enumerate(features):
+        level = level_array(x, sizes, lay, i)
+        ws = torch.zeros(3, dtype=torch.int64)
+        emu.lib.emu_workspace(_ptr(level), _ptr(S), _ptr(O), is_max, _ptr(ws))
+        partials, argmax_elements, grad_elements = ws.tolist()
+        B, C = x.shape[:2]
+        gx_in = guarded_input(x)
+        gx = guarded_output(tuple(x.shape), dtype)
+        gsc = guarded_output((B, C, partials), acc)
+        gsh = guarded_output((B, C, partials), acc)
+        argmax = guarded_output((argmax_elements,), torch.int64)
+        scratch = Guarded((grad_elements,), acc, float("nan"), float("nan"))
+        c0 = lay.channel_offset[i]
+        status = emu.lib.emu_backward(
+            DTYPE_CODE[dtype], _ptr(level), _ptr(S), _ptr(O), go.ptr(), gx_in.ptr(),
+            sc.ptr(c0) if sc else None, sh.ptr(c0) if sh else None, int(relu), is_max, gx.ptr(),
+            gsc.ptr(), gsh.ptr(), argmax.ptr() if argmax_elements else None,
+            scratch.ptr() if grad_elements else None)
+        emu.check(status, f"backward of level {i}")
+        assert_unchanged(gx_in, x, f"input level {i}")
+        for g, what in ((gx, "grad_x"), (gsc, "grad_scale partials"), (gsh, "grad_shift partials")):
+            g.check_guards(f"{what} of level {i}")
+            assert_written(g, f"{what} of level {i}")
+        argmax.check_guards(f"the argmax scratch of level {i}")
+        scratch.check_guards(f"the gradient scratch of level {i}")
+        grads.append(gx.t)
+        scale_grads.append(gsc.t.sum((0, 2)))
+        shift_grads.append(gsh.t.sum((0, 2)))
+    assert_unchanged(go, grad_output, "grad_output")
+    for g, t, what in ((sc, scale, "scale"), (sh, shift, "shift")):
+        if g is not None:
+            assert_unchanged(g, t, what)
+    return grads, torch.cat(scale_grads).to(dtype), torch.cat(shift_grads).to(dtype)
+
+
+# ---------------------------------------------------------------------------
+# Cases.
+
+@dataclass
+class Case:
+    shapes: list[tuple[int, ...]]
+    sizes: tuple[int, ...]
+    mode: str
+    relu: bool = False
+    affine: str = "scale+shift"   # "scale+shift", "scale", "shift" or "none"
+    dtype: torch.dtype = torch.float64
+    values: str = "randn"         # "randn", "ties" (small integers) or "nan" (with NaN and -inf)
+    channels_last: bool = False
+
+
+CASES = {
+    # 2-D, several levels, both modes, each activation / affine combination once.
+    "2d_avg_f64": Case([(2, 3, 7, 5), (2, 2, 13, 9)], (1, 2, 3, 6), "avg"),
+    "2d_avg_relu_f64_scale": Case([(2, 3, 7, 5), (2, 2, 4, 11)], (1, 3, 4), "avg", True, "scale"),
+    "2d_max_relu_f64": Case([(2, 3, 7, 5), (2, 2, 13, 9)], (1, 2, 3, 6), "max", True),
+    "2d_max_f64_shift": Case([(3, 2, 6, 8)], (2, 5), "max", False, "shift"),
+    # 3-D.
+    "3d_avg_relu_f64_shift": Case([(2, 2, 5, 6, 4)], (1, 2, 3), "avg", True, "shift"),
+    "3d_max_f64": Case([(2, 2, 5, 6, 4), (2, 1, 3, 3, 3)], (1, 2, 3), "max", False, "none"),
+    # Output sizes larger than the input (bins repeat positions).
+    "2d_larger_avg_f64": Case([(2, 2, 3, 2), (2, 1, 1, 4)], (1, 4, 5), "avg", True),
+    "2d_larger_max_f64": Case([(2, 2, 3, 2), (2, 1, 1, 4)], (1, 4, 5), "max", True),
+    "3d_larger_max_f32": Case([(1, 3, 2, 3, 2)], (1, 3), "max", False, "scale"),
+    # Big bins and planes (more elements than threads in a block or than one backward block).
+    "2d_big_avg_f32": Case([(1, 2, 21, 19)], (1, 2), "avg", True),
+    "2d_big_max_f32": Case([(1, 2, 21, 19)], (1, 2), "max"),
+    # Many sizes (several backward launches in the small build), many planes.
+    "2d_many_sizes_avg_f64": Case([(3, 5, 6, 6)], (1, 2, 3, 4, 5), "avg", True),
+    "2d_many_sizes_max_f32": Case([(3, 5, 6, 6)], (5, 1, 3, 2, 4), "max", True, "scale"),
+    # Empty batch.
+    "2d_batch0_avg_f32": Case([(0, 3, 5, 5), (0, 2, 4, 4)], (1, 2), "avg", True),
+    "3d_batch0_max_f64": Case([(0, 2, 3, 4, 5)], (1, 2), "max"),
+    # Ties (first position wins) and NaN / -inf (the last NaN wins).
+    "2d_ties_max_f64": Case([(2, 3, 6, 7)], (1, 2, 3, 4), "max", False, "none", values="ties"),
+    "2d_ties_max_relu_f32": Case([(2, 3, 6, 7)], (1, 2, 3), "max", True, "scale", torch.float32, "ties"),
+    "3d_ties_max_f64": Case([(1, 2, 4, 4, 3)], (1, 2), "max", True, "none", values="ties"),
+    "2d_nan_max_f64": Case([(2, 3, 7, 6)], (1, 2, 3), "max", False, values="nan"),
+    "2d_nan_max_relu_f32": Case([(2, 3, 7, 6)], (1, 3), "max", True, dtype=torch.float32, values="nan"),
+    "2d_nan_avg_relu_f64": Case([(2, 2, 7, 6)], (1, 2, 3), "avg", True, values="nan"),
+    # Layouts and dtypes.
+    "2d_channels_last_avg_f32": Case([(2, 3, 5, 6)], (1, 2, 4), "avg", True, dtype=torch.float32,
+                                     channels_last=True),
+    "2d_avg_f16": Case([(2, 3, 7, 5), (2, 2, 9, 9)], (1, 2, 3), "avg", True, dtype=torch.float16),
+    "2d_max_f16": Case([(2, 3, 7, 5)], (1, 2, 3), "max", False, dtype=torch.float16),
+    "3d_avg_bf16": Case([(2, 2, 4, 5, 3)], (1, 2), "avg", False, dtype=torch.bfloat16),
+    "2d_max_relu_bf16": Case([(2, 3, 7, 5), (2, 2, 9, 9)], (1, 2, 3), "max", True, dtype=torch.bfloat16),
+}
+
+
+def make_inputs(case: Case, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    features = []
+    for shape in case.shapes:
+        if case.values == "ties":
+            x = torch.randint(-2, 3, shape, generator=g).to(case.dtype)
+        else:
+            x = torch.randn(shape, generator=g, dtype=torch.float64)
+            if case.values == "nan":
+                flat = x.view(-1)
+                n = flat.numel()
+                flat[torch.randperm(n, generator=g)[: max(1, n // 8)]] = float("nan")
+                flat[torch.randperm(n, generator=g)[: max(1, n // 8)]] = float("-inf")
+            x = x.to(case.dtype)
+        if case.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        features.append(x)
+    channels = sum(s[1] for s in case.shapes)
+
+    def param(low, high):  # small integers for ties (x * scale + shift keeps them), else N(0, 1)
+        if case.values == "ties":
+            return torch.randint(low, high, (channels,), generator=g).to(case.dtype)
+        return torch.randn(channels, generator=g, dtype=torch.float64).to(case.dtype)
+
+    scale = param(-3, 4) if "scale" in case.affine else None  # both signs, and 0
+    shift = param(-1, 2) if "shift" in case.affine else None
+    batch = case.shapes[0][0]
+    columns = layout_of(features, case.sizes).total_columns
+    grad_output = torch.randn(batch, columns, generator=g, dtype=torch.float64).to(case.dtype)
+    return features, scale, shift, grad_output
+
+
+def run_case(emu: Emulated, case: Case, seed: int):
+    features, scale, shift, grad_output = make_inputs(case, seed)
+    sizes = list(case.sizes)
+    tol = TOLERANCE[case.dtype]
+    emu.lib.emu_reset(seed)
+
+    expected = torch.ops.medmtl.multiscale_pool(features, sizes, case.mode, scale, shift, case.relu)
+    got = emulated_forward(emu, features, sizes, case.mode, scale, shift, case.relu)
+    torch.testing.assert_close(got, expected, equal_nan=True, **tol, msg=lambda m: f"forward: {m}")
+
+    ref_grads, ref_scale, ref_shift = torch.ops.medmtl.multiscale_pool_backward(
+        grad_output, features, sizes, case.mode, scale, shift, case.relu)
+    grads, grad_scale, grad_shift = emulated_backward(
+        emu, grad_output, features, sizes, case.mode, scale, shift, case.relu)
+    for i, (a, b) in enumerate(zip(grads, ref_grads)):
+        torch.testing.assert_close(a, b.contiguous(), equal_nan=True, **tol, msg=lambda m: f"grad_x[{i}]: {m}")
+    torch.testing.assert_close(grad_scale, ref_scale, equal_nan=True, **tol, msg=lambda m: f"grad_scale: {m}")
+    torch.testing.assert_close(grad_shift, ref_shift, equal_nan=True, **tol, msg=lambda m: f"grad_shift: {m}")
+    return emu.launches()
+
+
+@pytest.mark.parametrize("build", ["real", "small"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_emulated_kernels_match_cpu(emulated, name, build):
+    run_case(emulated[build], CASES[name], seed=zlib.crc32(name.encode()))
+
+
+def test_small_limits_run_every_loop(emulated):
+    """The small build takes the grid-stride, thread-stride and multi-launch paths on a
+    case that the real build runs in one backward launch with every plane in the grid."""
+    case = Case([(2, 3, 12, 12)], (1, 2, 3), "max", True)
+    planes, plane_size = 6, 144
+    lim = {k: v for k, (_, v) in SMALL_LIMITS.items()}
+    for mode in ("max", "avg"):
+        case.mode = mode
+        launches = run_case(emulated["small"], case, seed=5)
+        forward = [(g, b) for k, g, b in launches if "forward" in k]
+        backward = [(g, b) for k, g, b in launches if "backward" in k]
+        # Forward (and, in max mode, its argmax pass before the backward): one launch per size.
+        assert len(forward) == len(case.sizes) * (2 if mode == "max" else 1), launches
+        bins = [s * s for s in case.sizes]
+        assert [g[0] for g, _ in forward[:len(bins)]] == [min(n, lim["kMaxGridX"]) for n in bins], launches
+        assert max(bins) > lim["kMaxGridX"] and all(g[1] == lim["kMaxGridY"] < planes for g, _ in forward)
+        assert max(b[0] for _, b in forward) == lim["kMaxForwardThreads"] < plane_size  # size 1: one bin of 144
+        # Backward: sizes in chunks of kMaxSizesPerLaunch, the plane in strides of grid.x * block.x.
+        assert len(backward) == -(-len(case.sizes) // lim["kMaxSizesPerLaunch"]) > 1, launches
+        assert all(g[1] == lim["kMaxGridY"] and g[0] * b[0] < plane_size for g, b in backward), launches
+
+    launches = run_case(emulated["real"], case, seed=5)
+    assert len([k for k, _, _ in launches if "backward" in k]) == 1, launches
+    assert all(g[1] == planes for _, g, _ in launches), launches
+
+
+def test_emulation_detects_misuse(emulated):
+    """The emulation itself: results of a block reduction, a divergent __syncthreads
+    and an empty grid as launch errors (not hangs), and thread orders that vary."""
+    lib = emulated["real"].lib
+    out = torch.zeros(8, dtype=torch.int64)
+    lib.emu_reset(0)
+    assert lib.emu_selftest(0, out.data_ptr()) == 0, lib.emu_error()
+    assert out[:6].tolist() == [sum(range(96))] * 6
+    lib.emu_reset(0)
+    assert lib.emu_selftest(1, out.data_ptr()) != 0
+    assert b"deadlock" in lib.emu_error() and b"threads 40-63: returned" in lib.emu_error()
+    lib.emu_reset(0)
+    assert lib.emu_selftest(3, out.data_ptr()) != 0 and b"invalid launch configuration" in lib.emu_error()
+    lib.emu_reset(0)
+    out.zero_()
+    assert lib.emu_selftest(2, out.data_ptr()) == 0
+    assert out.min() >= 1 and out.min() < 64 and len(set(out.tolist())) > 1, out  # a race the order exposes

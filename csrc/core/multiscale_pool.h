@@ -44,6 +44,7 @@ struct PoolPlan {
   std::vector<int64_t> size_row_offset;   // [k] first bin row of size k
   std::vector<int64_t> bin_row_size;      // [bin row] its size index k
   std::vector<int64_t> bin_count;         // [bin] number of input positions it covers
+  std::vector<double> inv_count;          // [bin] 1 / bin_count
   std::vector<int64_t> bin_first_position;// [bin] flat plane index of its first position
   std::vector<int64_t> w_start, w_end;    // [size_w_offset[k] + bw] column range of bin column bw
   std::vector<int64_t> size_w_offset;     // [k]
@@ -78,6 +79,7 @@ struct PoolPlan {
           for (int64_t bw = 0; bw < s; ++bw) {
             const int64_t w0 = adaptive_bin_start(bw, W, s), w1 = adaptive_bin_end(bw, W, s);
             bin_count.push_back((d1 - d0) * (h1 - h0) * (w1 - w0));
+            inv_count.push_back(1.0 / double(bin_count.back()));
             bin_first_position.push_back((d0 * H + h0) * W + w0);
           }
         }
@@ -106,6 +108,9 @@ struct PoolPlan {
   }
 
   int64_t num_rows() const { return g.depth * g.height; }
+  // Row length of the column accumulators: the width rounded up to 16 so that
+  // their loops run whole vectors.
+  int64_t padded_width() const { return (g.width + 15) / 16 * 16; }
   // Compact index of bin column bw in bin row R.
   int64_t bin_of(int64_t bin_row, int64_t bw) const {
     const int64_t k = bin_row_size[bin_row];
@@ -114,7 +119,7 @@ struct PoolPlan {
   // Scratch (accumulators) the NCHW cores need: a row, a row per bin row,
   // a plane and a value per bin.
   int64_t plane_scratch_size() const {
-    return g.width * (1 + total_bin_rows) + g.plane_size() + total_bins;
+    return padded_width() * (1 + total_bin_rows) + g.plane_size() + total_bins;
   }
 };
 
@@ -151,8 +156,10 @@ void pool_plane_forward(const scalar_t* plane, const PoolPlan& plan, PoolMode mo
     return;
   }
   acc_t* t = scratch;
-  acc_t* columns = scratch + W;  // [total_bin_rows][W]
-  std::fill(columns, columns + plan.total_bin_rows * W,
+  const int64_t Wp = plan.padded_width();
+  acc_t* columns = scratch + Wp;  // [total_bin_rows][Wp]
+  std::fill(t + W, t + Wp, acc_t(0));
+  std::fill(columns, columns + plan.total_bin_rows * Wp,
             is_max ? -std::numeric_limits<acc_t>::infinity() : acc_t(0));
   // Rows come in runs that lie in the same bin rows: reduce a run into t
   // first, then add t into each of its bin rows' columns once.
@@ -173,24 +180,34 @@ void pool_plane_forward(const scalar_t* plane, const PoolPlan& plan, PoolMode mo
       }
     }
     for (int64_t i = plan.row_begin[r]; i < plan.row_begin[r + 1]; ++i) {
-      acc_t* col = columns + plan.row_bin_rows[i] * W;
+      acc_t* col = columns + plan.row_bin_rows[i] * Wp;
       if (is_max) {
-        for (int64_t w = 0; w < W; ++w) col[w] = max_pool_takes(t[w], col[w]) ? t[w] : col[w];
+        for (int64_t w = 0; w < Wp; ++w) col[w] = max_pool_takes(t[w], col[w]) ? t[w] : col[w];
       } else {
-        for (int64_t w = 0; w < W; ++w) col[w] += t[w];
+        for (int64_t w = 0; w < Wp; ++w) col[w] += t[w];
       }
     }
   }
-  for (int64_t row = 0; row < plan.total_bin_rows; ++row) {
-    const int64_t k = plan.bin_row_size[row], s = plan.g.sizes[k];
-    const acc_t* col = columns + row * W;
-    for (int64_t bw = 0; bw < s; ++bw) {
-      const int64_t w0 = plan.w_start[plan.size_w_offset[k] + bw];
-      const int64_t w1 = plan.w_end[plan.size_w_offset[k] + bw];
-      const int64_t bin = plan.bin_of(row, bw);
-      acc_t v = is_max ? -std::numeric_limits<acc_t>::infinity() : acc_t(0);
-      for (int64_t w = w0; w < w1; ++w) v = is_max ? (max_pool_takes(col[w], v) ? col[w] : v) : v + col[w];
-      out[bin] = is_max ? v : v / acc_t(plan.bin_count[bin]);
+  // Reduce each bin row's columns over each bin's column range.
+  for (int64_t k = 0; k < static_cast<int64_t>(plan.g.sizes.size()); ++k) {
+    const int64_t s = plan.g.sizes[k];
+    const int64_t rows_k = plan.g.out_depth(k) * s;
+    for (int64_t i = 0; i < rows_k; ++i) {
+      const int64_t row = plan.size_row_offset[k] + i;
+      const acc_t* col = columns + row * Wp;
+      acc_t* o = out + plan.size_bin_offset[k] + i * s;
+      for (int64_t bw = 0; bw < s; ++bw) {
+        const int64_t w0 = plan.w_start[plan.size_w_offset[k] + bw];
+        const int64_t w1 = plan.w_end[plan.size_w_offset[k] + bw];
+        acc_t v = is_max ? -std::numeric_limits<acc_t>::infinity() : acc_t(0);
+        if (is_max) {
+          for (int64_t w = w0; w < w1; ++w) v = max_pool_takes(col[w], v) ? col[w] : v;
+          o[bw] = v;
+        } else {
+          for (int64_t w = w0; w < w1; ++w) v += col[w];
+          o[bw] = v * static_cast<acc_t>(plan.inv_count[plan.size_bin_offset[k] + i * s + bw]);
+        }
+      }
     }
   }
 }

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "adaptive_bins.h"
@@ -24,6 +25,14 @@ namespace medmtl {
 namespace core {
 
 enum class PoolMode : int { kAvg = 0, kMax = 1 };
+
+// Calls f(std::true_type) or f(std::false_type): the cores take the ReLU as a
+// template argument kRelu, so their loops see it as a constant.
+template <typename F>
+inline decltype(auto) with_relu(bool relu, F&& f) {
+  if (relu) return f(std::true_type{});
+  return f(std::false_type{});
+}
 
 // Spatial extent of one level and the output sizes it is pooled to.
 struct PoolGeometry {
@@ -131,9 +140,9 @@ struct PoolPlan {
 // and added (or max-ed) into the column accumulators of the bin rows holding
 // it, a contiguous loop the compiler vectorizes; the columns are reduced to
 // bins once per plane. scratch: plane_scratch_size() accumulators.
-template <typename scalar_t, typename acc_t>
+template <bool kRelu, typename scalar_t, typename acc_t>
 void pool_plane_forward(const scalar_t* plane, const PoolPlan& plan, PoolMode mode, acc_t scale,
-                        acc_t shift, bool relu, acc_t* scratch, acc_t* out) {
+                        acc_t shift, acc_t* scratch, acc_t* out) {
   const int64_t W = plan.g.width;
   const bool is_max = mode == PoolMode::kMax;
   if (plan.global_only) {
@@ -143,13 +152,13 @@ void pool_plane_forward(const scalar_t* plane, const PoolPlan& plan, PoolMode mo
     acc_t v = is_max ? -std::numeric_limits<acc_t>::infinity() : acc_t(0);
     if (is_max) {
       for (int64_t i = 0; i < n; ++i) {
-        const acc_t y = affine_activation<acc_t>(static_cast<acc_t>(plane[i]), scale, shift, relu);
+        const acc_t y = affine_activation<kRelu, acc_t>(static_cast<acc_t>(plane[i]), scale, shift);
         v = max_pool_takes(y, v) ? y : v;
       }
     } else {
 #pragma omp simd reduction(+ : v)
       for (int64_t i = 0; i < n; ++i)
-        v += affine_activation<acc_t>(static_cast<acc_t>(plane[i]), scale, shift, relu);
+        v += affine_activation<kRelu, acc_t>(static_cast<acc_t>(plane[i]), scale, shift);
       v /= acc_t(n);
     }
     for (int64_t b = 0; b < plan.total_bins; ++b) out[b] = v;
@@ -166,17 +175,17 @@ void pool_plane_forward(const scalar_t* plane, const PoolPlan& plan, PoolMode mo
   for (int64_t r = 0; r < plan.num_rows(); r = plan.run_end[r]) {
     const scalar_t* x = plane + r * W;
     for (int64_t w = 0; w < W; ++w)
-      t[w] = affine_activation<acc_t>(static_cast<acc_t>(x[w]), scale, shift, relu);
+      t[w] = affine_activation<kRelu, acc_t>(static_cast<acc_t>(x[w]), scale, shift);
     for (int64_t rr = r + 1; rr < plan.run_end[r]; ++rr) {
       const scalar_t* xr = plane + rr * W;
       if (is_max) {
         for (int64_t w = 0; w < W; ++w) {
-          const acc_t y = affine_activation<acc_t>(static_cast<acc_t>(xr[w]), scale, shift, relu);
+          const acc_t y = affine_activation<kRelu, acc_t>(static_cast<acc_t>(xr[w]), scale, shift);
           t[w] = max_pool_takes(y, t[w]) ? y : t[w];
         }
       } else {
         for (int64_t w = 0; w < W; ++w)
-          t[w] += affine_activation<acc_t>(static_cast<acc_t>(xr[w]), scale, shift, relu);
+          t[w] += affine_activation<kRelu, acc_t>(static_cast<acc_t>(xr[w]), scale, shift);
       }
     }
     for (int64_t i = plan.row_begin[r]; i < plan.row_begin[r + 1]; ++i) {
@@ -214,9 +223,9 @@ void pool_plane_forward(const scalar_t* plane, const PoolPlan& plan, PoolMode mo
 
 // Flat plane index of each bin's maximum, in PyTorch's scan order (row-major;
 // a larger value or a NaN replaces the maximum, so ties keep the first).
-template <typename scalar_t, typename acc_t>
+template <bool kRelu, typename scalar_t, typename acc_t>
 void pool_plane_argmax(const scalar_t* plane, const PoolPlan& plan, acc_t scale, acc_t shift,
-                       bool relu, acc_t* best, int64_t* argmax) {
+                       acc_t* best, int64_t* argmax) {
   const int64_t W = plan.g.width;
   std::fill(best, best + plan.total_bins, -std::numeric_limits<acc_t>::infinity());
   std::copy(plan.bin_first_position.begin(), plan.bin_first_position.end(), argmax);
@@ -227,7 +236,7 @@ void pool_plane_argmax(const scalar_t* plane, const PoolPlan& plan, acc_t scale,
         const int64_t bin = plan.bin_of(row, bw);
         const int64_t w1 = plan.w_end[plan.size_w_offset[k] + bw];
         for (int64_t w = plan.w_start[plan.size_w_offset[k] + bw]; w < w1; ++w) {
-          const acc_t v = affine_activation<acc_t>(static_cast<acc_t>(plane[r * W + w]), scale, shift, relu);
+          const acc_t v = affine_activation<kRelu, acc_t>(static_cast<acc_t>(plane[r * W + w]), scale, shift);
           if (max_pool_takes(v, best[bin])) {
             best[bin] = v;
             argmax[bin] = r * W + w;
@@ -249,10 +258,10 @@ struct AffineGradSums {
 // Backward of one plane. grad_out[total_bins] holds the gradient of the
 // plane's pooled outputs; writes grad_plane (same layout as plane).
 // scratch: plane_scratch_size() accumulators; argmax: total_bins (max mode).
-template <typename scalar_t, typename acc_t>
+template <bool kRelu, typename scalar_t, typename acc_t>
 AffineGradSums<acc_t> pool_plane_backward(const scalar_t* plane, const acc_t* grad_out,
                                           const PoolPlan& plan, PoolMode mode, acc_t scale,
-                                          acc_t shift, bool relu, scalar_t* grad_plane,
+                                          acc_t shift, scalar_t* grad_plane,
                                           acc_t* scratch, int64_t* argmax) {
   const int64_t W = plan.g.width;
   AffineGradSums<acc_t> sums;
@@ -260,7 +269,7 @@ AffineGradSums<acc_t> pool_plane_backward(const scalar_t* plane, const acc_t* gr
     acc_t sum_scale = 0, sum_shift = 0;
     for (int64_t w = 0; w < W; ++w) {
       const acc_t xv = static_cast<acc_t>(x[w]);
-      const acc_t gy = activation_backward<acc_t>(grad_t[w], xv * scale + shift, relu);
+      const acc_t gy = activation_backward<kRelu, acc_t>(grad_t[w], xv * scale + shift);
       grad_x[w] = static_cast<scalar_t>(gy * scale);
       sum_scale += gy * xv;
       sum_shift += gy;
@@ -296,7 +305,7 @@ AffineGradSums<acc_t> pool_plane_backward(const scalar_t* plane, const acc_t* gr
     // Route each bin's gradient to its maximum's position.
     acc_t* plane_grad = scratch + W * (1 + plan.total_bin_rows);
     acc_t* best = plane_grad + plan.g.plane_size();
-    pool_plane_argmax<scalar_t, acc_t>(plane, plan, scale, shift, relu, best, argmax);
+    pool_plane_argmax<kRelu, scalar_t, acc_t>(plane, plan, scale, shift, best, argmax);
     std::fill(plane_grad, plane_grad + plan.g.plane_size(), acc_t(0));
     for (int64_t b = 0; b < plan.total_bins; ++b) plane_grad[argmax[b]] += grad_out[b];
     for (int64_t r = 0; r < plan.num_rows(); ++r)
@@ -323,10 +332,10 @@ inline void for_each_bin_holding(const PoolPlan& plan, int64_t r, int64_t w, Vis
 
 // Pools into out[total_bins][channels]; with argmax (max mode), also the
 // first position of each maximum. t: scratch of `channels`.
-template <typename scalar_t, typename acc_t>
+template <bool kRelu, typename scalar_t, typename acc_t>
 void pool_channels_last_forward(const scalar_t* x, int64_t position_stride, int64_t channels,
                                 const PoolPlan& plan, PoolMode mode, const acc_t* scale,
-                                const acc_t* shift, bool relu, acc_t* t, acc_t* out,
+                                const acc_t* shift, acc_t* t, acc_t* out,
                                 int64_t* argmax) {
   const int64_t C = channels, W = plan.g.width;
   const bool is_max = mode == PoolMode::kMax;
@@ -339,7 +348,7 @@ void pool_channels_last_forward(const scalar_t* x, int64_t position_stride, int6
       const int64_t pos = r * W + w;
       const scalar_t* xp = x + pos * position_stride;
       for (int64_t c = 0; c < C; ++c)
-        t[c] = affine_activation<acc_t>(static_cast<acc_t>(xp[c]), scale[c], shift[c], relu);
+        t[c] = affine_activation<kRelu, acc_t>(static_cast<acc_t>(xp[c]), scale[c], shift[c]);
       for_each_bin_holding(plan, r, w, [&](int64_t bin) {
         acc_t* o = out + bin * C;
         if (!is_max) {
@@ -368,10 +377,10 @@ void pool_channels_last_forward(const scalar_t* x, int64_t position_stride, int6
 // grad_out is [total_bins][channels]; writes grad_x at the input's layout and
 // adds per-channel sums into grad_scale[c], grad_shift[c].
 // Scratch: t and gt of `channels`; bin_scratch and argmax of total_bins * channels.
-template <typename scalar_t, typename acc_t>
+template <bool kRelu, typename scalar_t, typename acc_t>
 void pool_channels_last_backward(const scalar_t* x, int64_t position_stride, int64_t channels,
                                  const acc_t* grad_out, const PoolPlan& plan, PoolMode mode,
-                                 const acc_t* scale, const acc_t* shift, bool relu,
+                                 const acc_t* scale, const acc_t* shift,
                                  scalar_t* grad_x, acc_t* grad_scale, acc_t* grad_shift,
                                  acc_t* t, acc_t* gt, acc_t* bin_scratch, int64_t* argmax) {
   const int64_t C = channels, W = plan.g.width;
@@ -382,8 +391,8 @@ void pool_channels_last_backward(const scalar_t* x, int64_t position_stride, int
       for (int64_t c = 0; c < C; ++c) bin_scratch[b * C + c] = grad_out[b * C + c] * inv;
     }
   } else {
-    pool_channels_last_forward<scalar_t, acc_t>(x, position_stride, C, plan, mode, scale, shift,
-                                                relu, t, bin_scratch, argmax);
+    pool_channels_last_forward<kRelu, scalar_t, acc_t>(x, position_stride, C, plan, mode, scale,
+                                                       shift, t, bin_scratch, argmax);
   }
   for (int64_t r = 0; r < plan.num_rows(); ++r) {
     for (int64_t w = 0; w < W; ++w) {
@@ -401,7 +410,7 @@ void pool_channels_last_backward(const scalar_t* x, int64_t position_stride, int
       scalar_t* gp = grad_x + pos * position_stride;
       for (int64_t c = 0; c < C; ++c) {
         const acc_t xv = static_cast<acc_t>(xp[c]);
-        const acc_t gy = activation_backward<acc_t>(gt[c], xv * scale[c] + shift[c], relu);
+        const acc_t gy = activation_backward<kRelu, acc_t>(gt[c], xv * scale[c] + shift[c]);
         gp[c] = static_cast<scalar_t>(gy * scale[c]);
         grad_scale[c] += gy * xv;
         grad_shift[c] += gy;

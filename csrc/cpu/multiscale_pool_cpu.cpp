@@ -49,10 +49,10 @@ std::vector<acc_t> affine_param(const std::optional<at::Tensor>& p, int64_t offs
   return v;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kRelu>
 void forward_level(const at::Tensor& input, at::IntArrayRef sizes, core::PoolMode mode,
                    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
-                   bool relu, const MultiscalePoolLayout& layout, size_t level, at::Tensor& out) {
+                   const MultiscalePoolLayout& layout, size_t level, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const core::PoolPlan plan = plan_of(input, sizes);
   const int64_t B = input.size(0), C = input.size(1), total = plan.total_bins;
@@ -78,8 +78,8 @@ void forward_level(const at::Tensor& input, at::IntArrayRef sizes, core::PoolMod
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / blocks, c0 = (task % blocks) * kChannelBlock;
         const int64_t cb = std::min(kChannelBlock, C - c0);
-        core::pool_channels_last_forward<scalar_t, acc_t>(
-            x + b * input.stride(0) + c0, C, cb, plan, mode, sc.data() + c0, sh.data() + c0, relu,
+        core::pool_channels_last_forward<kRelu, scalar_t, acc_t>(
+            x + b * input.stride(0) + c0, C, cb, plan, mode, sc.data() + c0, sh.data() + c0,
             t.data(), bins.data(), nullptr);
         for (int64_t c = 0; c < cb; ++c) {
           for (int64_t i = 0; i < total; ++i) one[i] = bins[i * cb + c];
@@ -95,8 +95,8 @@ void forward_level(const at::Tensor& input, at::IntArrayRef sizes, core::PoolMod
       std::vector<acc_t> scratch(plan.plane_scratch_size()), bins(total);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t c = p % C;
-        core::pool_plane_forward<scalar_t, acc_t>(x + p * plane, plan, mode, sc[c], sh[c], relu,
-                                                  scratch.data(), bins.data());
+        core::pool_plane_forward<kRelu, scalar_t, acc_t>(x + p * plane, plan, mode, sc[c], sh[c],
+                                                         scratch.data(), bins.data());
         place(p / C, c, bins.data());
       }
     });
@@ -110,17 +110,19 @@ at::Tensor multiscale_pool_cpu(at::TensorList features, at::IntArrayRef output_s
       check_multiscale_pool_inputs(features, output_sizes, mode, scale, shift);
   at::Tensor out = at::empty({layout.batch, layout.total_columns}, features[0].options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "multiscale_pool_cpu", [&] {
-    for (size_t i = 0; i < features.size(); ++i)
-      forward_level<scalar_t>(features[i], output_sizes, mode_of(mode), scale, shift, relu, layout,
-                              i, out);
+    core::with_relu(relu, [&](auto relu_constant) {
+      for (size_t i = 0; i < features.size(); ++i)
+        forward_level<scalar_t, decltype(relu_constant)::value>(features[i], output_sizes, mode_of(mode),
+                                                                scale, shift, layout, i, out);
+    });
   });
   return out;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kRelu>
 void backward_level(const at::Tensor& grad_out, const at::Tensor& input, at::IntArrayRef sizes,
                     core::PoolMode mode, const std::optional<at::Tensor>& scale,
-                    const std::optional<at::Tensor>& shift, bool relu,
+                    const std::optional<at::Tensor>& shift,
                     const MultiscalePoolLayout& layout, size_t level, at::Tensor& grad_input,
                     at::Tensor& grad_scale_partial, at::Tensor& grad_shift_partial) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -160,9 +162,9 @@ void backward_level(const at::Tensor& grad_out, const at::Tensor& input, at::Int
         }
         std::fill(gsc + b * C + c0, gsc + b * C + c0 + cb, acc_t(0));
         std::fill(gsh + b * C + c0, gsh + b * C + c0 + cb, acc_t(0));
-        core::pool_channels_last_backward<scalar_t, acc_t>(
+        core::pool_channels_last_backward<kRelu, scalar_t, acc_t>(
             x + b * input.stride(0) + c0, C, cb, go_bins.data(), plan, mode, sc.data() + c0,
-            sh.data() + c0, relu, gx + b * grad_input.stride(0) + c0, gsc + b * C + c0,
+            sh.data() + c0, gx + b * grad_input.stride(0) + c0, gsc + b * C + c0,
             gsh + b * C + c0, t.data(), gt.data(), scratch.data(), argmax.data());
       }
     });
@@ -177,8 +179,8 @@ void backward_level(const at::Tensor& grad_out, const at::Tensor& input, at::Int
       for (int64_t p = begin; p < end; ++p) {
         const int64_t c = p % C;
         gather(p / C, c, bins.data());
-        const core::AffineGradSums<acc_t> sums = core::pool_plane_backward<scalar_t, acc_t>(
-            x + p * plane, bins.data(), plan, mode, sc[c], sh[c], relu, gx + p * plane,
+        const core::AffineGradSums<acc_t> sums = core::pool_plane_backward<kRelu, scalar_t, acc_t>(
+            x + p * plane, bins.data(), plan, mode, sc[c], sh[c], gx + p * plane,
             scratch.data(), argmax.data());
         gsc[p] = sums.grad_scale;
         gsh[p] = sums.grad_shift;
@@ -210,8 +212,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> multiscale_pool_back
       at::Tensor gx = is_channels_last(x) ? at::empty_like(x) : at::empty(x.sizes(), x.options());
       at::Tensor gsc = at::empty({layout.batch, layout.channels[i]}, acc_options);
       at::Tensor gsh = at::empty({layout.batch, layout.channels[i]}, acc_options);
-      backward_level<scalar_t>(go, x, output_sizes, mode_of(mode), scale, shift, relu, layout, i,
-                               gx, gsc, gsh);
+      core::with_relu(relu, [&](auto relu_constant) {
+        backward_level<scalar_t, decltype(relu_constant)::value>(go, x, output_sizes, mode_of(mode), scale,
+                                                                 shift, layout, i, gx, gsc, gsh);
+      });
       grads.push_back(gx);
       scale_grads.push_back(gsc.sum(0));
       shift_grads.push_back(gsh.sum(0));

@@ -81,7 +81,9 @@ std::vector<double> naive_backward(const std::vector<double>& plane, const std::
   return grad_x;
 }
 
+template <bool kRelu>
 void check_problem(const Problem& p, std::mt19937& rng) {
+  const bool relu = kRelu;
   std::normal_distribution<double> normal;
   PoolGeometry g;
   g.depth = p.D; g.height = p.H; g.width = p.W; g.spatial_dims = p.dims; g.sizes = p.sizes;
@@ -93,16 +95,15 @@ void check_problem(const Problem& p, std::mt19937& rng) {
   for (int64_t c = 0; c < C; ++c) { scale[c] = 0.5 + std::abs(normal(rng)); shift[c] = 0.3 * normal(rng); }
   for (auto& v : grad_cl) v = normal(rng);
   for (PoolMode mode : {PoolMode::kAvg, PoolMode::kMax}) {
-    for (bool relu : {false, true}) {
+    {
       std::vector<double> out_cl(total * C), t(C), gt(C), scratch(total * C), grad_x_cl(n * C), max_cl(total * C);
       std::vector<double> gscale(C, 0.0), gshift(C, 0.0);
       std::vector<int64_t> argmax_cl(total * C), first_max_cl(total * C);
-      pool_channels_last_forward<double, double>(x_cl.data(), C, C, plan, mode, scale.data(), shift.data(),
-                                                 relu, t.data(), out_cl.data(), nullptr);
-      pool_channels_last_forward<double, double>(x_cl.data(), C, C, plan, PoolMode::kMax, scale.data(),
-                                                 shift.data(), relu, t.data(), max_cl.data(), first_max_cl.data());
-      pool_channels_last_backward<double, double>(x_cl.data(), C, C, grad_cl.data(), plan, mode, scale.data(),
-                                                  shift.data(), relu, grad_x_cl.data(), gscale.data(),
+      pool_channels_last_forward<kRelu, double, double>(x_cl.data(), C, C, plan, mode, scale.data(), shift.data(), t.data(), out_cl.data(), nullptr);
+      pool_channels_last_forward<kRelu, double, double>(x_cl.data(), C, C, plan, PoolMode::kMax, scale.data(),
+                                                 shift.data(), t.data(), max_cl.data(), first_max_cl.data());
+      pool_channels_last_backward<kRelu, double, double>(x_cl.data(), C, C, grad_cl.data(), plan, mode, scale.data(),
+                                                  shift.data(), grad_x_cl.data(), gscale.data(),
                                                   gshift.data(), t.data(), gt.data(), scratch.data(),
                                                   argmax_cl.data());
       for (int64_t c = 0; c < C; ++c) {
@@ -113,9 +114,9 @@ void check_problem(const Problem& p, std::mt19937& rng) {
         for (int64_t bin = 0; bin < total; ++bin) grad_out[bin] = grad_cl[bin * C + c];
         const std::vector<double> expected = naive_forward(plane, p, mode, scale[c], shift[c], relu, nullptr);
         naive_forward(plane, p, PoolMode::kMax, scale[c], shift[c], relu, &expected_argmax);
-        pool_plane_forward<double, double>(plane.data(), plan, mode, scale[c], shift[c], relu,
+        pool_plane_forward<kRelu, double, double>(plane.data(), plan, mode, scale[c], shift[c],
                                            plane_scratch.data(), out.data());
-        pool_plane_argmax<double, double>(plane.data(), plan, scale[c], shift[c], relu, best.data(),
+        pool_plane_argmax<kRelu, double, double>(plane.data(), plan, scale[c], shift[c], best.data(),
                                           first_max.data());
         for (int64_t bin = 0; bin < total; ++bin) {
           CHECK_NEAR(out[bin], expected[bin], 1e-12);
@@ -124,8 +125,8 @@ void check_problem(const Problem& p, std::mt19937& rng) {
           CHECK(first_max_cl[bin * C + c] == expected_argmax[bin]);
         }
         const std::vector<double> expected_grad = naive_backward(plane, grad_out, p, mode, scale[c], shift[c], relu);
-        const AffineGradSums<double> sums = pool_plane_backward<double, double>(
-            plane.data(), grad_out.data(), plan, mode, scale[c], shift[c], relu, grad_plane.data(),
+        const AffineGradSums<double> sums = pool_plane_backward<kRelu, double, double>(
+            plane.data(), grad_out.data(), plan, mode, scale[c], shift[c], grad_plane.data(),
             plane_scratch.data(), argmax.data());
         double expected_gscale = 0, expected_gshift = 0;
         for (int64_t e = 0; e < n; ++e) {
@@ -150,7 +151,7 @@ void check_ties() {
   const PoolPlan plan(g);
   std::vector<double> plane(24, -1.0), best(plan.total_bins);
   std::vector<int64_t> argmax(plan.total_bins);
-  pool_plane_argmax<double, double>(plane.data(), plan, 1.0, 0.0, true, best.data(), argmax.data());
+  pool_plane_argmax<true, double, double>(plane.data(), plan, 1.0, 0.0, best.data(), argmax.data());
   for (int64_t b = 0; b < plan.total_bins; ++b) {
     CHECK(best[b] == 0.0);
     CHECK(argmax[b] == plan.bin_first_position[b]);
@@ -169,7 +170,10 @@ int main() {
       {3, 4, 5, 2, {1, 2, 4}, 3},         // 3-D
       {13, 29, 3, 1, {1, 5}, 3},
   };
-  for (const Problem& p : problems) check_problem(p, rng);
+  for (const Problem& p : problems) {
+    check_problem<false>(p, rng);
+    check_problem<true>(p, rng);
+  }
   check_ties();
   return check_failures();
 }

@@ -343,6 +343,25 @@ void pool_channels_last_forward(const scalar_t* x, int64_t position_stride, int6
   if (argmax != nullptr)
     for (int64_t b = 0; b < plan.total_bins; ++b)
       std::fill(argmax + b * C, argmax + (b + 1) * C, plan.bin_first_position[b]);
+  if (plan.global_only && argmax == nullptr) {
+    // Every size is 1: accumulate every position into bin 0, then copy it.
+    const int64_t n = plan.g.plane_size();
+    for (int64_t pos = 0; pos < n; ++pos) {
+      const scalar_t* xp = x + pos * position_stride;
+      if (is_max) {
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t y = affine_activation<kRelu, acc_t>(static_cast<acc_t>(xp[c]), scale[c], shift[c]);
+          out[c] = max_pool_takes(y, out[c]) ? y : out[c];
+        }
+      } else {
+        for (int64_t c = 0; c < C; ++c)
+          out[c] += affine_activation<kRelu, acc_t>(static_cast<acc_t>(xp[c]), scale[c], shift[c]);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) out[c] = is_max ? out[c] : out[c] / acc_t(n);
+    for (int64_t b = 1; b < plan.total_bins; ++b) std::copy(out, out + C, out + b * C);
+    return;
+  }
   for (int64_t r = 0; r < plan.num_rows(); ++r) {
     for (int64_t w = 0; w < W; ++w) {
       const int64_t pos = r * W + w;

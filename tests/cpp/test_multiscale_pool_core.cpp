@@ -169,6 +169,8 @@ int main() {
       {1, 14, 14, 4, {1, 2, 3, 6}, 2},    // pyramid pooling
       {3, 4, 5, 2, {1, 2, 4}, 3},         // 3-D
       {13, 29, 3, 1, {1, 5}, 3},
+      {1, 5, 6, 3, {1}, 2},               // global pooling (its own fast paths)
+      {2, 3, 4, 2, {1, 1}, 3},
   };
   for (const Problem& p : problems) {
     check_problem<false>(p, rng);

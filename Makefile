@@ -14,7 +14,7 @@ all: build
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip "setuptools>=69" wheel ninja
+	$(PIP) install -q --upgrade pip "setuptools>=77" wheel ninja
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q "pytest>=8" "hypothesis>=6" expecttest "pytest-benchmark>=4" "matplotlib>=3.7"
 	touch $@

@@ -83,4 +83,20 @@ inline MultiscalePoolLayout check_multiscale_pool_inputs(
   return layout;
 }
 
+// The backward's checks: the forward's, and grad_output's shape and dtype.
+inline MultiscalePoolLayout check_multiscale_pool_backward_inputs(
+    const at::Tensor& grad_output, at::TensorList features, at::IntArrayRef output_sizes,
+    c10::string_view mode, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& shift) {
+  MultiscalePoolLayout layout = check_multiscale_pool_inputs(features, output_sizes, mode, scale, shift);
+  TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == layout.batch &&
+                  grad_output.size(1) == layout.total_columns,
+              "multiscale_pool_backward: grad_output must have shape (", layout.batch, ", ",
+              layout.total_columns, "), got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == features[0].scalar_type(),
+              "multiscale_pool_backward: grad_output must have the features' dtype ",
+              features[0].scalar_type(), ", got ", grad_output.scalar_type());
+  return layout;
+}
+
 }  // namespace medmtl

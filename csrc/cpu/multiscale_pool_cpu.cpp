@@ -193,15 +193,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> multiscale_pool_back
     const at::Tensor& grad_output, at::TensorList features, at::IntArrayRef output_sizes,
     c10::string_view mode, const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& shift, bool relu) {
-  const MultiscalePoolLayout layout =
-      check_multiscale_pool_inputs(features, output_sizes, mode, scale, shift);
-  TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == layout.batch &&
-                  grad_output.size(1) == layout.total_columns,
-              "multiscale_pool_backward: grad_output must have shape (", layout.batch, ", ",
-              layout.total_columns, "), got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == features[0].scalar_type(),
-              "multiscale_pool_backward: grad_output must have the features' dtype ",
-              features[0].scalar_type(), ", got ", grad_output.scalar_type());
+  const MultiscalePoolLayout layout = check_multiscale_pool_backward_inputs(
+      grad_output, features, output_sizes, mode, scale, shift);
   const at::Tensor go = grad_output.contiguous();
   std::vector<at::Tensor> grads, scale_grads, shift_grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "multiscale_pool_backward_cpu", [&] {

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from medmtl.ops.multiscale_pool import ACTIVATIONS, MODES, multiscale_pool
+from medmtl.ops.multiscale_pool import check_pool_options, multiscale_pool
 
 _BATCH_NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
@@ -45,15 +45,7 @@ class MultiScalePool(nn.Module):
                 or any(isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in in_channels):
             raise ValueError(f"MultiScalePool: in_channels must be a non-empty sequence of positive ints "
                              f"(one per level), got {in_channels!r}")
-        sizes = [output_sizes] if isinstance(output_sizes, int) and not isinstance(output_sizes, bool) \
-            else list(output_sizes) if isinstance(output_sizes, Sequence) else None
-        if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes):
-            raise ValueError(f"MultiScalePool: output_sizes must be a positive int or a non-empty sequence "
-                             f"of them, got {output_sizes!r}")
-        if mode not in MODES:
-            raise ValueError(f"MultiScalePool: mode must be 'avg' or 'max', got {mode!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"MultiScalePool: activation must be None or 'relu', got {activation!r}")
+        sizes = check_pool_options(output_sizes, mode, activation, "MultiScalePool")
         if spatial_dims not in _BATCH_NORM:
             raise ValueError(f"MultiScalePool: spatial_dims must be 2 or 3, got {spatial_dims!r}")
         self.in_channels = list(in_channels)

@@ -89,15 +89,7 @@ def _check_inputs(features, output_sizes, mode, scale, shift, activation):
         if any(n == 0 for n in x.shape[1:]):
             raise ValueError(f"multiscale_pool: features[{i}] must have non-empty channel and spatial "
                              f"dimensions, got shape {tuple(x.shape)}")
-    sizes = [output_sizes] if isinstance(output_sizes, int) and not isinstance(output_sizes, bool) else output_sizes
-    if (not isinstance(sizes, Sequence) or not sizes
-            or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes)):
-        raise ValueError(f"multiscale_pool: output_sizes must be a positive int or a non-empty sequence "
-                         f"of them, got {output_sizes!r}")
-    if mode not in MODES:
-        raise ValueError(f"multiscale_pool: mode must be 'avg' or 'max', got {mode!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"multiscale_pool: activation must be None or 'relu', got {activation!r}")
+    sizes = check_pool_options(output_sizes, mode, activation, "multiscale_pool")
     for name, param in (("scale", scale), ("shift", shift)):
         if param is None:
             continue
@@ -116,7 +108,21 @@ def _check_inputs(features, output_sizes, mode, scale, shift, activation):
             if p.device != first.device:
                 raise ValueError(f"multiscale_pool: {name}[{i}] must be on the features' device "
                                  f"{first.device}, got {p.device}")
-    return features, [int(s) for s in sizes]
+    return features, sizes
+
+
+def check_pool_options(output_sizes, mode, activation, where: str) -> list[int]:
+    """Checks the pooling options (shared with the layer); returns the sizes as a list."""
+    sizes = [output_sizes] if isinstance(output_sizes, int) and not isinstance(output_sizes, bool) else output_sizes
+    if (not isinstance(sizes, Sequence) or not sizes
+            or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes)):
+        raise ValueError(f"{where}: output_sizes must be a positive int or a non-empty sequence "
+                         f"of them, got {output_sizes!r}")
+    if mode not in MODES:
+        raise ValueError(f"{where}: mode must be 'avg' or 'max', got {mode!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{where}: activation must be None or 'relu', got {activation!r}")
+    return [int(s) for s in sizes]
 
 
 # --------------------------------------------------------------------------

@@ -232,6 +232,37 @@ def test_registered_op_without_affine_float64():
         torch.testing.assert_close(x.grad, r, **TOL[torch.float64])
 
 
+def test_registered_op_opcheck():
+    shapes, sizes = PYRAMIDS[2]
+    features, scale, shift = _inputs(shapes, torch.float64, seed=10)
+    xs = [x.requires_grad_() for x in features]
+    torch.library.opcheck(torch.ops.medmtl.multiscale_pool_triton.default,
+                          (xs, sizes[:2], "avg", scale.requires_grad_(), shift.requires_grad_(), True))
+
+
+def test_torch_compile_fullgraph_with_triton_backend():
+    """The triton op traces into a compiled graph without breaks, forward and backward."""
+    shapes, sizes = PYRAMIDS[2]
+    features, scale, shift = _inputs(shapes, torch.float32, seed=11)
+
+    def head(xs, sc, sh):
+        return medmtl.ops.multiscale_pool(xs, sizes, "avg", sc, sh, "relu").square().sum()
+
+    channels = [x.shape[1] for x in features]
+    results = {}
+    for backend in ("reference", "triton"):
+        xs = [x.clone().requires_grad_() for x in features]
+        sc = [s.clone().requires_grad_() for s in scale.split(channels)]
+        sh = [s.clone().requires_grad_() for s in shift.split(channels)]
+        with medmtl.ops.backend(backend):
+            fn = torch.compile(head, fullgraph=True, backend="aot_eager") if backend == "triton" else head
+            out = fn(xs, sc, sh)
+        results[backend] = (out, torch.autograd.grad(out, xs + sc + sh))
+    torch.testing.assert_close(results["triton"][0], results["reference"][0], **TOL[torch.float32])
+    for got, expected in zip(results["triton"][1], results["reference"][1]):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
 def _layouts(dims, seed):
     """Non-contiguous (permuted, strided) and channels-last levels of a pyramid."""
     g = torch.Generator().manual_seed(seed)

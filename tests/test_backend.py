@@ -71,6 +71,7 @@ def test_cuda_backend_without_gpu_says_why():
     assert any(words in message for words in ("no CUDA GPU", "without CUDA kernels", "not built"))
 
 
+@pytest.mark.skipif(backend_module.triton_error() is not None, reason="triton is not installed")
 def test_triton_on_cpu_tensors_without_interpreter_says_why():
     done = _python(
         "import torch, medmtl\n"
@@ -78,6 +79,12 @@ def test_triton_on_cpu_tensors_without_interpreter_says_why():
         "    medmtl.ops.multiscale_pool([torch.randn(1, 2, 3, 3)])", TRITON_INTERPRET="0")
     assert done.returncode != 0
     assert "BackendUnavailableError" in done.stderr and "TRITON_INTERPRET=1" in done.stderr
+
+
+def test_missing_triton_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(backend_module.importlib.util, "find_spec", lambda name: None)
+    with medmtl.backend("triton"), pytest.raises(BackendUnavailableError, match="triton is not installed"):
+        multiscale_pool([torch.randn(1, 2, 3, 3)])
 
 
 def test_cpu_backend_without_extension_says_how_to_build(monkeypatch):

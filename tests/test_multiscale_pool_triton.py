@@ -20,6 +20,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytest.importorskip("triton", reason="the triton backend needs triton (pip install 'medmtl[triton]')")
+
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import medmtl.ops  # noqa: E402

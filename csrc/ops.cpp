@@ -22,6 +22,21 @@ TORCH_LIBRARY(medmtl, m) {
   m.def(
       "multiscale_pool_backward(Tensor grad_output, Tensor[] features, int[] output_sizes, "
       "str mode, Tensor? scale, Tensor? shift, bool relu) -> (Tensor[], Tensor, Tensor)");
+
+  // Parallel dilated 3x3 convolutions (dilation 0: a 1x1 branch) of one input:
+  // weight (n, Cout, Cin, 3, 3); combine "sum" -> act(sum_i conv_i + bias),
+  // "concat" -> cat_i act(conv_i + bias_i). Taps that read only padding are skipped.
+  m.def(
+      "multi_dilation_conv(Tensor x, Tensor weight, int[] dilations, Tensor? bias, str combine, "
+      "bool relu) -> Tensor");
+  // Gradients of x, weight and bias (bias's as if present); `output` is the
+  // forward's result (its sign gives the ReLU's mask).
+  m.def(
+      "multi_dilation_conv_backward(Tensor grad_output, Tensor x, Tensor weight, int[] dilations, "
+      "Tensor output, str combine, bool relu) -> (Tensor, Tensor, Tensor)");
+  // x * sigmoid(conv(cat(mean_c x, max_c x), weight)), weight (1, 2, K, K).
+  m.def("spatial_attention(Tensor x, Tensor weight) -> Tensor");
+  m.def("spatial_attention_backward(Tensor grad_output, Tensor x, Tensor weight) -> (Tensor, Tensor)");
 }
 
 extern "C" {

@@ -9,15 +9,19 @@ from medmtl.ops.backends import (
     resolve_backend,
     set_backend,
 )
+from medmtl.ops.multi_dilation_conv import multi_dilation_conv
 from medmtl.ops.multiscale_pool import multiscale_pool
+from medmtl.ops.spatial_attention import spatial_attention
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "backend",
     "get_backend",
+    "multi_dilation_conv",
     "multiscale_pool",
     "reference",
     "resolve_backend",
     "set_backend",
+    "spatial_attention",
 ]

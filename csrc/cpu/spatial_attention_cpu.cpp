@@ -1,0 +1,152 @@
+// CPU kernels of medmtl::spatial_attention: out = x * sigmoid(conv(cat(mean_c x,
+// max_c x), weight)). One pass over x reduces the channels of every pixel
+// (mean, max and the first maximal channel); the KxK convolution of that
+// 2-channel map is ATen's; a second pass multiplies x by the gate.
+// The backward makes one pass over x and grad_output for the channel sums it
+// needs, and one pass writing grad_x.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../spatial_attention_checks.h"
+
+namespace medmtl {
+namespace {
+
+constexpr int64_t kPixelBlock = 256;  // pixels per task: each task walks the channels of its block
+
+// The channel mean and max of every pixel, the first maximal channel, and
+// (when grad_output is given) sum_c grad_output * x. pooled is (B, 2, H, W)
+// in x's dtype, argmax (B, H, W) int64, grad_gate (B, H, W) in x's dtype.
+void reduce_channels(const at::Tensor& x, const at::Tensor* grad_output, at::Tensor& pooled, at::Tensor& argmax,
+                     at::Tensor* grad_gate) {
+  const int64_t B = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
+  const int64_t blocks = (P + kPixelBlock - 1) / kPixelBlock;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_reduce", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xd = x.data_ptr<scalar_t>();
+    const scalar_t* gd = grad_output != nullptr ? grad_output->data_ptr<scalar_t>() : nullptr;
+    scalar_t* pd = pooled.data_ptr<scalar_t>();
+    int64_t* ad = argmax.data_ptr<int64_t>();
+    scalar_t* gg = grad_gate != nullptr ? grad_gate->data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+      acc_t sum[kPixelBlock], best[kPixelBlock], dot[kPixelBlock];
+      int64_t best_c[kPixelBlock];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / blocks, p0 = (task % blocks) * kPixelBlock;
+        const int64_t n = std::min(kPixelBlock, P - p0);
+        for (int64_t i = 0; i < n; ++i) {
+          sum[i] = 0;
+          dot[i] = 0;
+          best[i] = -std::numeric_limits<acc_t>::infinity();
+          best_c[i] = 0;
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t* row = xd + (b * C + c) * P + p0;
+          for (int64_t i = 0; i < n; ++i) {
+            const acc_t v = static_cast<acc_t>(row[i]);
+            sum[i] += v;
+            // torch.max(dim=1): the first maximal channel; a NaN wins and stays.
+            const bool takes = v > best[i] || (std::isnan(v) && !std::isnan(best[i]));
+            best[i] = takes ? v : best[i];
+            best_c[i] = takes ? c : best_c[i];
+          }
+          if (gd != nullptr) {
+            const scalar_t* grow = gd + (b * C + c) * P + p0;
+            for (int64_t i = 0; i < n; ++i) dot[i] += static_cast<acc_t>(grow[i]) * static_cast<acc_t>(row[i]);
+          }
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          pd[(b * 2) * P + p0 + i] = static_cast<scalar_t>(sum[i] / acc_t(C));
+          pd[(b * 2 + 1) * P + p0 + i] = static_cast<scalar_t>(best[i]);
+          ad[b * P + p0 + i] = best_c[i];
+          if (gg != nullptr) gg[b * P + p0 + i] = static_cast<scalar_t>(dot[i]);
+        }
+      }
+    });
+  });
+}
+
+at::Tensor gate_of(const at::Tensor& pooled, const at::Tensor& weight) {
+  return at::sigmoid(at::conv2d(pooled, weight, {}, 1, weight.size(-1) / 2));
+}
+
+at::Tensor spatial_attention_cpu(const at::Tensor& x_in, const at::Tensor& weight) {
+  check_spatial_attention_inputs(x_in, weight);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  at::Tensor pooled = at::empty({B, 2, H, W}, x.options());
+  at::Tensor argmax = at::empty({B, H, W}, x.options().dtype(at::kLong));
+  reduce_channels(x, nullptr, pooled, argmax, nullptr);
+  const at::Tensor gate = gate_of(pooled, weight).contiguous();  // (B, 1, H, W)
+  at::Tensor out = at::empty_like(x);
+  const int64_t P = H * W;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_gate", [&] {
+    const scalar_t* xd = x.data_ptr<scalar_t>();
+    const scalar_t* gd = gate.data_ptr<scalar_t>();
+    scalar_t* od = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const scalar_t* g = gd + (plane / C) * P;
+        for (int64_t i = 0; i < P; ++i) od[plane * P + i] = xd[plane * P + i] * g[i];
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> spatial_attention_backward_cpu(const at::Tensor& grad_output_in,
+                                                                   const at::Tensor& x_in, const at::Tensor& weight) {
+  check_spatial_attention_inputs(x_in, weight);
+  check_spatial_attention_backward_inputs(grad_output_in, x_in);
+  const at::Tensor x = x_in.contiguous(), grad_output = grad_output_in.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W;
+  at::Tensor pooled = at::empty({B, 2, H, W}, x.options());
+  at::Tensor argmax = at::empty({B, H, W}, x.options().dtype(at::kLong));
+  at::Tensor grad_gate = at::empty({B, 1, H, W}, x.options());
+  reduce_channels(x, &grad_output, pooled, argmax, &grad_gate);
+  const at::Tensor gate = gate_of(pooled, weight);
+  // Through the sigmoid, then the convolution (ATen's backward of conv2d).
+  const at::Tensor grad_logits = grad_gate * gate * (1 - gate);
+  const int64_t pad = weight.size(-1) / 2;
+  auto [grad_pooled, grad_weight, unused] = at::convolution_backward(
+      grad_logits, pooled, weight, std::nullopt, {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1, {true, true, false});
+  const at::Tensor gp = grad_pooled.contiguous(), gt = gate.contiguous();
+  at::Tensor grad_x = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* god = grad_output.data_ptr<scalar_t>();
+    const scalar_t* gated = gt.data_ptr<scalar_t>();
+    const scalar_t* gpd = gp.data_ptr<scalar_t>();
+    const int64_t* ad = argmax.data_ptr<int64_t>();
+    scalar_t* gx = grad_x.data_ptr<scalar_t>();
+    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t b = plane / C, c = plane % C;
+        const scalar_t* g = gated + b * P;
+        const scalar_t* grad_mean = gpd + (b * 2) * P;
+        const scalar_t* grad_max = gpd + (b * 2 + 1) * P;
+        const int64_t* best = ad + b * P;
+        for (int64_t i = 0; i < P; ++i) {
+          acc_t v = static_cast<acc_t>(god[plane * P + i]) * static_cast<acc_t>(g[i]) +
+                    static_cast<acc_t>(grad_mean[i]) / acc_t(C);
+          if (best[i] == c) v += static_cast<acc_t>(grad_max[i]);
+          gx[plane * P + i] = static_cast<scalar_t>(v);
+        }
+      }
+    });
+  });
+  return {grad_x, grad_weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(medmtl, CPU, m) {
+  m.impl("spatial_attention", &spatial_attention_cpu);
+  m.impl("spatial_attention_backward", &spatial_attention_backward_cpu);
+}
+
+}  // namespace medmtl

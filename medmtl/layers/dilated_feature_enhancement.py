@@ -1,0 +1,186 @@
+"""DilatedFeatureEnhancement (DFE): ResFormerMTL's refinement of a skip connection.
+
+Parallel 3x3 convolutions at several dilations over the same map, normalised,
+activated and fused, then spatial attention. Its state_dict is exactly that of
+the plain composition of torch.nn modules below, so weights move both ways.
+
+variant="sum" (the paper's three branches):
+    branches.{i} = Conv3x3(dilation d_i) -> BN -> Conv1x1 -> BN
+    y = relu(sum_i branches.i(x))
+variant="concat" (the authors' released code):
+    branches.0 = Conv1x1 -> BN -> ReLU; branches.{i>=1} = Conv3x3(d_i) -> BN -> ReLU
+    y = relu(fuse(cat_i branches.i(x)) + shortcut(x)),
+    fuse = Conv3x3 -> BN, shortcut = Conv1x1 -> BN
+spatial_attention=True: y * sigmoid(attention(cat(mean_c y, max_c y))), attention = Conv7x7(2 -> 1).
+
+Eval mode folds the BatchNorms (and, for "sum", the 1x1 convolutions) into one
+multi-dilation convolution whose padding-only taps are skipped; train mode runs
+the dilated convolutions as one op and the BatchNorms as BatchNorm does (batch
+statistics, running-statistic updates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from medmtl.ops.multi_dilation_conv import multi_dilation_conv
+from medmtl.ops.spatial_attention import spatial_attention
+
+VARIANTS = ("sum", "concat")
+
+
+class DilatedFeatureEnhancement(nn.Module):
+    """(B, C_in, H, W) -> (B, C_out, H, W).
+
+    Args:
+        in_channels: C_in.
+        out_channels: C_out (default C_in).
+        dilations: one positive int per dilated branch (default 6, 12, 18).
+        variant: "sum" or "concat" (see the module docstring).
+        spatial_attention: gate the output with a 7x7 spatial attention.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int | None = None,
+        dilations: Sequence[int] = (6, 12, 18),
+        variant: str = "sum",
+        spatial_attention: bool = True,
+    ) -> None:
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"DilatedFeatureEnhancement: {name} must be a positive int, got {value!r}")
+        if isinstance(dilations, (int, torch.Tensor)) or not isinstance(dilations, Sequence) or not dilations \
+                or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in dilations):
+            raise ValueError(f"DilatedFeatureEnhancement: dilations must be a non-empty sequence of positive ints, "
+                             f"got {dilations!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"DilatedFeatureEnhancement: variant must be 'sum' or 'concat', got {variant!r}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.dilations = [int(d) for d in dilations]
+        self.variant = variant
+        c_in, c = in_channels, out_channels
+        if variant == "sum":
+            self.branches = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(c_in, c, 3, padding=d, dilation=d, bias=False), nn.BatchNorm2d(c),
+                              nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+                for d in self.dilations)
+        else:
+            self.branches = nn.ModuleList(
+                [nn.Sequential(nn.Conv2d(c_in, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())]
+                + [nn.Sequential(nn.Conv2d(c_in, c, 3, padding=d, dilation=d, bias=False), nn.BatchNorm2d(c),
+                                 nn.ReLU()) for d in self.dilations])
+            self.fuse = nn.Sequential(nn.Conv2d((len(self.dilations) + 1) * c, c, 3, padding=1, bias=False),
+                                      nn.BatchNorm2d(c))
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.attention = nn.Conv2d(2, 1, 7, padding=3, bias=False) if spatial_attention else None
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, dilations={self.dilations}, "
+                f"variant={self.variant!r}, spatial_attention={self.attention is not None}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_channels, H, W) -> (B, out_channels, H, W)."""
+        self._check_input(x)
+        folded = not self.training and all(bn.running_mean is not None for bn in self._norms())
+        if self.variant == "sum":
+            y = self._sum_folded(x) if folded else self._sum_train(x)
+        else:
+            y = self._concat_folded(x) if folded else self._concat_train(x)
+        return spatial_attention(y, self.attention.weight) if self.attention is not None else y
+
+    # -- train mode: the dilated convolutions as one op, BatchNorm as BatchNorm does
+
+    def _branch_convolutions(self, x: torch.Tensor, with_pointwise: bool) -> list[torch.Tensor]:
+        """Each branch's raw convolution of x, from one multi_dilation_conv ("concat", no bias)."""
+        weights = [self._as_3x3(branch[0].weight) for branch in self.branches]
+        dilations = ([0] if with_pointwise else []) + self.dilations
+        raw = multi_dilation_conv(x, torch.stack(weights), dilations, None, "concat")
+        return list(raw.split(self.out_channels, dim=1))
+
+    def _sum_train(self, x: torch.Tensor) -> torch.Tensor:
+        raw = self._branch_convolutions(x, with_pointwise=False)
+        total = sum(branch[3](branch[2](branch[1](r))) for branch, r in zip(self.branches, raw))
+        return torch.relu(total)
+
+    def _concat_train(self, x: torch.Tensor) -> torch.Tensor:
+        raw = self._branch_convolutions(x, with_pointwise=True)
+        branches = torch.cat([branch[2](branch[1](r)) for branch, r in zip(self.branches, raw)], 1)
+        return torch.relu(self.fuse(branches) + self.shortcut(x))
+
+    # -- eval mode: BatchNorms (and for "sum" the 1x1 convolutions) folded
+
+    def _sum_folded(self, x: torch.Tensor) -> torch.Tensor:
+        weights, bias = [], 0
+        for branch in self.branches:
+            conv, bn1, pointwise, bn2 = branch
+            s1, b1 = _bn_affine(bn1)
+            s2, b2 = _bn_affine(bn2)
+            # bn2(P (bn1(conv x))) = (s2 P s1) conv x + s2 P b1 + b2: a linear map of conv x.
+            mix = s2[:, None] * pointwise.weight[:, :, 0, 0] * s1[None, :]
+            weights.append(torch.einsum("oc,cikl->oikl", mix, conv.weight))
+            bias = bias + s2 * (pointwise.weight[:, :, 0, 0] @ b1) + b2
+        return multi_dilation_conv(x, torch.stack(weights).to(x.dtype), self.dilations, bias.to(x.dtype), "sum",
+                                   "relu")
+
+    def _concat_folded(self, x: torch.Tensor) -> torch.Tensor:
+        weights, biases = [], []
+        for branch in self.branches:
+            scale, shift = _bn_affine(branch[1])
+            weights.append(self._as_3x3(branch[0].weight) * scale[:, None, None, None])
+            biases.append(shift)
+        branches = multi_dilation_conv(x, torch.stack(weights).to(x.dtype), [0] + self.dilations,
+                                       torch.cat(biases).to(x.dtype), "concat", "relu")
+        fused = _folded_conv(self.fuse, branches, padding=1)
+        return torch.relu_(fused.add_(_folded_conv(self.shortcut, x, padding=0)))
+
+    # -- helpers
+
+    def _norms(self) -> list[nn.BatchNorm2d]:
+        return [m for m in self.modules() if isinstance(m, nn.BatchNorm2d)]
+
+    @staticmethod
+    def _as_3x3(weight: torch.Tensor) -> torch.Tensor:
+        """A (Cout, Cin, 1, 1) kernel as the centre of a 3x3 one (3x3 kernels pass through)."""
+        if weight.shape[-1] == 3:
+            return weight
+        return nn.functional.pad(weight, (1, 1, 1, 1))
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"DilatedFeatureEnhancement: x must be a tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"DilatedFeatureEnhancement: x must be 4-D (B, C, H, W), got {x.dim()}-D of shape "
+                             f"{tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"DilatedFeatureEnhancement: x must have {self.in_channels} channels (in_channels), "
+                             f"got {x.shape[1]} (shape {tuple(x.shape)})")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"DilatedFeatureEnhancement: x must have a floating dtype, got {x.dtype}")
+        weight = self.branches[0][0].weight
+        if x.device != weight.device:
+            raise ValueError(f"DilatedFeatureEnhancement: x is on {x.device} but the layer's weights are on "
+                             f"{weight.device}")
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) with bn(v) == v * scale + shift per channel, from the running statistics."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.affine:
+        scale = bn.weight * scale
+    shift = -bn.running_mean * scale + (bn.bias if bn.affine else 0)
+    return scale, shift
+
+
+def _folded_conv(block: nn.Sequential, x: torch.Tensor, padding: int) -> torch.Tensor:
+    """Conv -> eval BatchNorm as one convolution with the norm folded in (ATen's convolution)."""
+    conv, bn = block
+    scale, shift = _bn_affine(bn)
+    weight = (conv.weight * scale[:, None, None, None]).to(x.dtype)
+    return nn.functional.conv2d(x, weight, shift.to(x.dtype), padding=padding)

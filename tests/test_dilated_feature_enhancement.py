@@ -1,0 +1,217 @@
+"""DilatedFeatureEnhancement against the plain composition of torch.nn modules it replaces."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import medmtl
+from medmtl.layers import DilatedFeatureEnhancement
+from medmtl.ops import multi_dilation_conv, spatial_attention
+
+BACKENDS = ["reference", "cpu"]
+
+
+class PlainDFE(nn.Module):
+    """What the layer computes, written with the layer's own submodules called as plain torch.nn."""
+
+    def __init__(self, layer: DilatedFeatureEnhancement):
+        super().__init__()
+        self.layer = copy.deepcopy(layer)
+
+    def forward(self, x):
+        m = self.layer
+        if m.variant == "sum":
+            y = torch.relu(sum(branch(x) for branch in m.branches))
+        else:
+            y = torch.relu(m.fuse(torch.cat([branch(x) for branch in m.branches], 1)) + m.shortcut(x))
+        if m.attention is not None:
+            pooled = torch.cat([y.mean(1, keepdim=True), y.max(1, keepdim=True)[0]], 1)
+            y = y * torch.sigmoid(m.attention(pooled))
+        return y
+
+
+def _layer(cin, cout, dilations, variant, attention=True, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    layer = DilatedFeatureEnhancement(cin, cout, dilations, variant, attention).to(dtype)
+    for bn in layer.modules():  # non-trivial affine and running statistics
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.normal_(0, 0.3)
+            bn.running_mean.normal_(0, 0.3)
+            bn.running_var.uniform_(0.5, 2.0)
+    return layer, PlainDFE(layer)
+
+
+def _compare(layer, plain, x, backend, training, tol):
+    layer.train(training)
+    plain.train(training)
+    with medmtl.backend(backend):
+        got = layer(x)
+    expected = plain(x)
+    torch.testing.assert_close(got, expected, **tol)
+    grad = torch.randn(expected.shape, generator=torch.Generator().manual_seed(9), dtype=expected.dtype)
+    got_grads = torch.autograd.grad(got, [x] + list(layer.parameters()), grad)
+    expected_grads = torch.autograd.grad(expected, [x] + list(plain.layer.parameters()), grad)
+    for name, g, e in zip(["x"] + [n for n, _ in layer.named_parameters()], got_grads, expected_grads):
+        torch.testing.assert_close(g, e, **tol, msg=lambda m: f"{name}: {m}")
+    for key, value in plain.layer.state_dict().items():  # running statistics after the step
+        torch.testing.assert_close(layer.state_dict()[key], value, **tol)
+
+
+F64 = dict(atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("variant", ["sum", "concat"])
+@pytest.mark.parametrize("attention", [True, False])
+def test_layer_matches_plain_modules(backend, training, variant, attention):
+    layer, plain = _layer(5, 4, (6, 12, 18), variant, attention)
+    x = torch.randn(2, 5, 14, 14, dtype=torch.float64, requires_grad=True)
+    _compare(layer, plain, x, backend, training, F64)
+
+
+@pytest.mark.parametrize("variant", ["sum", "concat"])
+@pytest.mark.parametrize("shape,training", [((1, 3, 1, 1), False), ((2, 3, 1, 1), True), ((2, 3, 5, 7), True),
+                                            ((1, 3, 5, 7), False)])
+def test_odd_sizes_and_batch_one(variant, shape, training):
+    layer, plain = _layer(3, 3, (1, 6, 18), variant)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    _compare(layer, plain, x, "cpu", training, F64)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_non_contiguous_input_float32(layout, training):
+    layer, plain = _layer(4, 4, (2, 6), "concat", dtype=torch.float32)
+    base = torch.randn(2, 4, 9, 16)
+    x = base.to(memory_format=torch.channels_last)[..., :8] if layout == "channels_last" else base[..., ::2]
+    x = x.detach().requires_grad_()
+    _compare(layer, plain, x, "cpu", training, dict(atol=1e-4, rtol=1e-4))
+
+
+def test_state_dict_moves_both_ways():
+    layer, _ = _layer(4, 6, (6, 12), "sum")
+    keys = set(layer.state_dict())
+    assert {"branches.0.0.weight", "branches.0.1.running_mean", "branches.1.2.weight", "branches.1.3.bias",
+            "attention.weight"} <= keys
+    plain = nn.ModuleDict(dict(
+        branches=nn.ModuleList(nn.Sequential(nn.Conv2d(4, 6, 3, padding=d, dilation=d, bias=False),
+                                             nn.BatchNorm2d(6), nn.Conv2d(6, 6, 1, bias=False), nn.BatchNorm2d(6))
+                               for d in (6, 12)),
+        attention=nn.Conv2d(2, 1, 7, padding=3, bias=False))).double()
+    plain.load_state_dict(layer.state_dict())  # layer -> plain
+    fresh = DilatedFeatureEnhancement(4, 6, (6, 12), "sum").double()
+    fresh.load_state_dict(plain.state_dict())  # plain -> layer
+    for key, value in layer.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[key], value)
+    concat = DilatedFeatureEnhancement(4, 6, (6, 12), "concat", spatial_attention=False)
+    assert set(concat.state_dict()) >= {"branches.0.0.weight", "branches.2.1.weight", "fuse.0.weight",
+                                        "fuse.1.running_var", "shortcut.0.weight"}
+    assert concat.branches[0][0].weight.shape == (6, 4, 1, 1) and concat.fuse[0].weight.shape == (6, 18, 3, 3)
+
+
+@pytest.mark.parametrize("variant", ["sum", "concat"])
+def test_torch_compile_fullgraph(variant):
+    layer, plain = _layer(3, 3, (1, 4), variant)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    for training in (False, True):
+        layer.train(training)
+        plain.train(training)
+        with medmtl.backend("cpu"):
+            got = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+        torch.testing.assert_close(got, plain(x), **F64)
+
+
+@settings(max_examples=25, deadline=None)
+@given(cin=st.integers(1, 4), cout=st.integers(1, 4), h=st.integers(1, 9), w=st.integers(1, 9),
+       dilations=st.lists(st.integers(1, 20), min_size=1, max_size=3), variant=st.sampled_from(["sum", "concat"]),
+       training=st.booleans())
+def test_layer_property(cin, cout, h, w, dilations, variant, training):
+    layer, plain = _layer(cin, cout, dilations, variant)
+    x = torch.randn(2, cin, h, w, dtype=torch.float64, requires_grad=True)
+    _compare(layer, plain, x, "cpu", training, F64)
+
+
+# --------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(in_channels=0), "in_channels must be a positive int"),
+    (dict(in_channels=4, out_channels=-1), "out_channels must be a positive int"),
+    (dict(in_channels=4, dilations=(6, 0)), "dilations must be a non-empty sequence of positive ints"),
+    (dict(in_channels=4, dilations=(6, 1.5)), "dilations must be a non-empty sequence of positive ints"),
+    (dict(in_channels=4, dilations=()), "dilations must be a non-empty sequence of positive ints"),
+    (dict(in_channels=4, variant="max"), "variant must be 'sum' or 'concat'"),
+])
+def test_layer_rejects_bad_config(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        DilatedFeatureEnhancement(**kwargs)
+
+
+@pytest.mark.parametrize("x,error,words", [
+    (torch.randn(4, 5, 5), ValueError, "x must be 4-D"),
+    (torch.randn(1, 3, 5, 5), ValueError, "x must have 4 channels"),
+    (torch.ones(1, 4, 5, 5, dtype=torch.int64), TypeError, "floating dtype"),
+    (torch.randn(1, 4, 5, 5, device="meta"), ValueError, "x is on meta"),
+])
+def test_layer_rejects_bad_input(x, error, words):
+    with pytest.raises(error, match=words):
+        DilatedFeatureEnhancement(4)(x)
+
+
+X = torch.randn(2, 3, 5, 5)
+W = torch.randn(2, 4, 3, 3, 3)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "auto"])
+@pytest.mark.parametrize("kwargs,error,words", [
+    (dict(x=torch.randn(3, 5, 5), weight=W, dilations=[1, 2]), ValueError, "x must be 4-D"),
+    (dict(x=X, weight=torch.randn(2, 4, 5, 3, 3), dilations=[1, 2]), ValueError, "weight's Cin (5) must equal"),
+    (dict(x=X, weight=torch.randn(2, 4, 3, 5, 5), dilations=[1, 2]), ValueError, "(n, Cout, Cin, 3, 3)"),
+    (dict(x=X, weight=W, dilations=[1]), ValueError, "one entry per branch of weight (2)"),
+    (dict(x=X, weight=W, dilations=[1, -2]), ValueError, "dilations must be a sequence of ints >= 0"),
+    (dict(x=X, weight=W, dilations=[1, 2.0]), ValueError, "dilations must be a sequence of ints >= 0"),
+    (dict(x=X.long(), weight=W, dilations=[1, 2]), TypeError, "x must have a floating dtype"),
+    (dict(x=X, weight=W.double(), dilations=[1, 2]), TypeError, "weight must have the dtype of x"),
+    (dict(x=X, weight=W.to("meta"), dilations=[1, 2]), ValueError, "weight must be on the device of x"),
+    (dict(x=X, weight=W, dilations=[1, 2], bias=torch.randn(8)), ValueError, "bias must have length 4"),
+    (dict(x=X, weight=W, dilations=[1, 2], combine="mean"), ValueError, "combine must be 'sum' or 'concat'"),
+    (dict(x=X, weight=W, dilations=[1, 2], activation="gelu"), ValueError, "activation must be None or 'relu'"),
+])
+def test_conv_op_rejects_bad_input(backend, kwargs, error, words):
+    with medmtl.backend(backend), pytest.raises(error) as info:
+        multi_dilation_conv(**kwargs)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("x,weight,error,words", [
+    (torch.randn(3, 5, 5), torch.randn(1, 2, 7, 7), ValueError, "x must be 4-D"),
+    (X, torch.randn(1, 2, 6, 6), ValueError, "(1, 2, K, K) with K odd"),
+    (X, torch.randn(1, 3, 7, 7), ValueError, "(1, 2, K, K) with K odd"),
+    (X.int(), torch.randn(1, 2, 7, 7), TypeError, "x must have a floating dtype"),
+    (X, torch.randn(1, 2, 7, 7).double(), TypeError, "weight must have the dtype of x"),
+])
+def test_attention_op_rejects_bad_input(x, weight, error, words):
+    with pytest.raises(error) as info:
+        spatial_attention(x, weight)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("args,words", [
+    ((X, W, [1], None, "sum", True), "one entry per branch"),
+    ((X, W, [1, -1], None, "sum", True), "dilations must be ints >= 0"),
+    ((X, W, [1, 2], torch.randn(3), "sum", True), "bias must be 1-D of length 4"),
+    ((X, torch.randn(2, 4, 2, 3, 3), [1, 2], None, "sum", True), "weight's Cin (2) must equal"),
+])
+def test_compiled_conv_op_checks_its_inputs(args, words):
+    if not medmtl._extension.extension_loaded():
+        pytest.skip("medmtl._C is not built")
+    with pytest.raises(RuntimeError, match=None) as info:
+        torch.ops.medmtl.multi_dilation_conv(*args)
+    assert words in str(info.value)

@@ -1,0 +1,180 @@
+"""The CPU kernels of multi_dilation_conv and spatial_attention against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import medmtl
+from medmtl.ops import multi_dilation_conv, reference, spatial_attention
+from tests.conftest import requires_extension
+
+pytestmark = requires_extension
+
+
+def _x(shape, dtype=torch.float64, layout="contiguous", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "strided":
+        x = torch.randn(*shape[:-1], 2 * shape[-1], generator=g, dtype=dtype)[..., ::2]
+    else:
+        x = torch.randn(*shape, generator=g, dtype=dtype)
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+    return x.requires_grad_()
+
+
+def _params(n, cout, cin, combine, dtype, seed=1, with_bias=True):
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(n, cout, cin, 3, 3, generator=g, dtype=dtype) / 3).requires_grad_()
+    bias = None
+    if with_bias:
+        bias = torch.randn(cout if combine == "sum" else n * cout, generator=g, dtype=dtype).requires_grad_()
+    return weight, bias
+
+
+def _compare_conv(x, weight, dilations, bias, combine, activation, atol, rtol):
+    params = [x, weight] + ([bias] if bias is not None else [])
+    results = {}
+    for backend in ("reference", "cpu"):
+        with medmtl.backend(backend):
+            out = multi_dilation_conv(x, weight, dilations, bias, combine, activation)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
+        results[backend] = (out, torch.autograd.grad(out, params, grad))
+    torch.testing.assert_close(results["cpu"][0], results["reference"][0], atol=atol, rtol=rtol)
+    for got, expected in zip(results["cpu"][1], results["reference"][1]):
+        torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("combine", ["sum", "concat"])
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("hw,dilations", [((14, 14), [6, 12, 18]), ((5, 7), [0, 1, 2]), ((1, 1), [6, 12, 18]),
+                                          ((14, 14), [18]), ((9, 4), [0, 3, 5])])
+def test_conv_matches_reference_float64(combine, activation, with_bias, hw, dilations):
+    x = _x((2, 3, *hw))
+    weight, bias = _params(len(dilations), 4, 3, combine, torch.float64, with_bias=with_bias)
+    _compare_conv(x, weight, dilations, bias, combine, activation, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("combine", ["sum", "concat"])
+def test_conv_float32_layouts_and_batch_one(layout, combine):
+    x = _x((1, 5, 13, 11), dtype=torch.float32, layout=layout)
+    weight, bias = _params(3, 6, 5, combine, torch.float32)
+    _compare_conv(x, weight, [1, 6, 12], bias, combine, "relu", atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("combine", ["sum", "concat"])
+def test_conv_gradcheck(combine):
+    x = _x((1, 2, 4, 5))
+    weight, bias = _params(3, 2, 2, combine, torch.float64)
+    with medmtl.backend("cpu"):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: multi_dilation_conv(x, w, [0, 1, 3], b, combine, "relu"), (x, weight, bias))
+
+
+def test_conv_skips_padding_only_taps():
+    """On a 14x14 map at dilation 18 only the centre tap reads the map: the other
+    taps' weights must not matter, and get zero gradient."""
+    x = _x((1, 3, 14, 14))
+    weight, _ = _params(1, 4, 3, "sum", torch.float64)
+    with medmtl.backend("cpu"):
+        out = multi_dilation_conv(x, weight, [18], None, "sum")
+        (grad_w,) = torch.autograd.grad(out.sum(), weight)
+    centre = torch.nn.functional.conv2d(x, weight[0, :, :, 1:2, 1:2])
+    torch.testing.assert_close(out, centre)
+    off_centre = grad_w.clone()
+    off_centre[..., 1, 1] = 0
+    assert off_centre.abs().max() == 0
+
+
+@pytest.mark.parametrize("combine", ["sum", "concat"])
+def test_conv_opcheck_and_compile(combine):
+    x = _x((2, 3, 6, 5))
+    weight, bias = _params(2, 4, 3, combine, torch.float64)
+    torch.library.opcheck(torch.ops.medmtl.multi_dilation_conv.default, (x, weight, [0, 2], bias, combine, True))
+
+    def fn(x, w, b):
+        return multi_dilation_conv(x, w, [0, 2], b, combine, "relu").square().sum()
+
+    with medmtl.backend("cpu"):
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        got = compiled(x, weight, bias)
+        got_grads = torch.autograd.grad(got, (x, weight, bias))
+    with medmtl.backend("reference"):
+        expected = fn(x, weight, bias)
+        expected_grads = torch.autograd.grad(expected, (x, weight, bias))
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e)
+
+
+@st.composite
+def conv_problems(draw):
+    n = draw(st.integers(1, 3))
+    return dict(b=draw(st.integers(1, 2)), cin=draw(st.integers(1, 4)), cout=draw(st.integers(1, 4)),
+                h=draw(st.integers(1, 12)), w=draw(st.integers(1, 12)),
+                dilations=draw(st.lists(st.integers(0, 20), min_size=n, max_size=n)),
+                combine=draw(st.sampled_from(["sum", "concat"])), relu=draw(st.booleans()),
+                bias=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=conv_problems())
+def test_conv_property(p):
+    x = _x((p["b"], p["cin"], p["h"], p["w"]), seed=p["seed"])
+    weight, bias = _params(len(p["dilations"]), p["cout"], p["cin"], p["combine"], torch.float64,
+                           seed=p["seed"] + 1, with_bias=p["bias"])
+    _compare_conv(x, weight, p["dilations"], bias, p["combine"], "relu" if p["relu"] else None, 1e-10, 1e-10)
+
+
+# --------------------------------------------------------------------------- spatial attention
+
+@pytest.mark.parametrize("shape", [(2, 5, 9, 7), (1, 1, 4, 4), (2, 3, 1, 1), (1, 8, 14, 14)])
+@pytest.mark.parametrize("k", [7, 3])
+def test_attention_matches_reference(shape, k):
+    x = _x(shape)
+    weight = (torch.randn(1, 2, k, k, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+              / k).requires_grad_()
+    results = {}
+    for backend in ("reference", "cpu"):
+        with medmtl.backend(backend):
+            out = spatial_attention(x, weight)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+        results[backend] = (out, torch.autograd.grad(out, (x, weight), grad))
+    torch.testing.assert_close(results["cpu"][0], results["reference"][0], atol=1e-12, rtol=1e-12)
+    for got, expected in zip(results["cpu"][1], results["reference"][1]):
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_attention_channel_max_ties_take_the_first_channel():
+    x = torch.zeros(1, 4, 3, 3, dtype=torch.float64)
+    x[:, 1:3] = 1.0  # channels 1 and 2 tie for the max
+    x.requires_grad_()
+    weight = torch.randn(1, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    grads = {}
+    for backend in ("reference", "cpu"):
+        with medmtl.backend(backend):
+            (grads[backend],) = torch.autograd.grad(spatial_attention(x, weight).sum(), x)
+    torch.testing.assert_close(grads["cpu"], grads["reference"])
+
+
+def test_attention_gradcheck_opcheck_compile():
+    x = _x((1, 3, 5, 4))
+    weight = (torch.randn(1, 2, 3, 3, dtype=torch.float64) / 3).requires_grad_()
+    with medmtl.backend("cpu"):
+        assert torch.autograd.gradcheck(lambda x, w: spatial_attention(x, w), (x, weight))
+        compiled = torch.compile(lambda x, w: spatial_attention(x, w).sum(), fullgraph=True, backend="aot_eager")
+        got = compiled(x, weight)
+    torch.library.opcheck(torch.ops.medmtl.spatial_attention.default, (x, weight))
+    torch.testing.assert_close(got, reference.spatial_attention(x, weight).sum())
+
+
+def test_attention_float32_channels_last():
+    x = _x((2, 6, 11, 9), dtype=torch.float32, layout="channels_last")
+    weight = torch.randn(1, 2, 7, 7) / 7
+    with medmtl.backend("cpu"):
+        got = spatial_attention(x, weight)
+    torch.testing.assert_close(got, reference.spatial_attention(x, weight), atol=1e-5, rtol=1e-5)

@@ -25,10 +25,10 @@ def load_rows(raw_json: Path) -> list[dict]:
     for bench in data["benchmarks"]:
         info, stats = bench["extra_info"], bench["stats"]
         moved = info["bytes"] * (2 if info["provider"] == COPY else 1)
-        rows.append(dict(op=info["op"], case=info["case"], provider=info["provider"],
+        rows.append(dict(op=info["op"], case=info["case"], provider=info["provider"], group=info.get("group"),
                          description=info["description"], median_ms=stats["median"] * 1e3,
                          iqr_ms=stats["iqr"] * 1e3, peak_mb=info["peak_bytes"] / 2**20,
-                         gb_per_s=moved / stats["median"] / 1e9, rounds=stats["rounds"],
+                         gb_per_s=moved / stats["median"] / 1e9 if moved else float("nan"), rounds=stats["rounds"],
                          threads=info["threads"]))
     by_case = defaultdict(dict)
     for row in rows:
@@ -42,26 +42,47 @@ def load_rows(raw_json: Path) -> list[dict]:
     return rows
 
 
+def _percent(value: float) -> str:
+    return "" if value != value else f"{value:.0f}%"
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["# medmtl benchmark report", "",
-             f"Medians over {rows[0]['rounds'] if rows else 0} rounds, {rows[0]['threads'] if rows else '?'} threads, "
-             "all providers of a case in one process on the same inputs. Speed-up = reference-eager median / "
-             "median. Peak = bytes allocated through torch during one call. GB/s counts the inputs' bytes "
-             "(twice for the copy, which reads and writes them).", ""]
-    seen = []
-    for row in rows:
-        if (row["op"], row["case"]) not in seen:
-            seen.append((row["op"], row["case"]))
-    for op, case in seen:
+             f"{rows[0]['threads'] if rows else '?'} threads; all providers of a case run in one process on the "
+             "same inputs. Speed-up = reference-eager median / median. Peak = bytes allocated through torch during "
+             "one call. GB/s counts the inputs' bytes (twice for the copy, which reads and writes them).", ""]
+    cases = list(dict.fromkeys((r["op"], r["case"]) for r in rows))
+    for op, case in cases:
         case_rows = [r for r in rows if r["op"] == op and r["case"] == case]
-        lines += [f"## {op}: {case}", "", case_rows[0]["description"], "",
-                  "| provider | median ms | IQR ms | speed-up vs reference | peak MB | GB/s | % of copy GB/s |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        with_copy = any(r["provider"] == COPY for r in case_rows)
+        lines += [f"## {op}: {case}", "", case_rows[0]["description"] + f" ({case_rows[0]['rounds']} rounds)", ""]
+        header = "| provider | median ms | IQR ms | speed-up vs reference | peak MB |"
+        rule = "|---|---:|---:|---:|---:|"
+        if with_copy:
+            header += " GB/s | % of copy GB/s |"
+            rule += "---:|---:|"
+        lines += [header, rule]
         for r in case_rows:
-            pct = "" if r["percent_of_copy_bandwidth"] != r["percent_of_copy_bandwidth"] else \
-                f"{r['percent_of_copy_bandwidth']:.0f}%"
-            lines.append(f"| {r['provider']} | {r['median_ms']:.3f} | {r['iqr_ms']:.3f} | "
-                         f"{r['speedup_vs_reference']:.2f}x | {r['peak_mb']:.2f} | {r['gb_per_s']:.1f} | {pct} |")
+            line = (f"| {r['provider']} | {r['median_ms']:.3f} | {r['iqr_ms']:.3f} | "
+                    f"{r['speedup_vs_reference']:.2f}x | {r['peak_mb']:.2f} |")
+            if with_copy:
+                line += f" {r['gb_per_s']:.1f} | {_percent(r['percent_of_copy_bandwidth'])} |"
+            lines.append(line)
+        lines.append("")
+    groups = [g for g in dict.fromkeys(r.get("group") for r in rows) if g]
+    if groups:
+        lines += ["## Summed over the cases of a group", "",
+                  "| group | provider | summed median ms | speed-up vs reference | max peak MB | peak vs reference |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for group in groups:
+            group_rows = [r for r in rows if r.get("group") == group]
+            providers = list(dict.fromkeys(r["provider"] for r in group_rows))
+            total = {p: sum(r["median_ms"] for r in group_rows if r["provider"] == p) for p in providers}
+            peak = {p: max(r["peak_mb"] for r in group_rows if r["provider"] == p) for p in providers}
+            for p in providers:
+                speedup = total.get(BASELINE, float("nan")) / total[p]
+                peak_ratio = peak[p] / peak[BASELINE] if peak.get(BASELINE) else float("nan")
+                lines.append(f"| {group} | {p} | {total[p]:.1f} | {speedup:.2f}x | {peak[p]:.1f} | {peak_ratio:.2f}x |")
         lines.append("")
     return "\n".join(lines)
 

@@ -21,13 +21,13 @@ _INPUTS: dict[str, dict] = {}
 
 
 def _inputs(case):
-    if case.name not in _INPUTS:  # one set of inputs per case, shared by its providers
+    if case.key not in _INPUTS:  # one set of inputs per case, shared by its providers
         _INPUTS.clear()
-        _INPUTS[case.name] = case.make_inputs()
-    return _INPUTS[case.name]
+        _INPUTS[case.key] = case.make_inputs()
+    return _INPUTS[case.key]
 
 
-PARAMS = [pytest.param(case, provider, id=f"{case.name}-{provider}")
+PARAMS = [pytest.param(case, provider, id=f"{case.key}-{provider}")
           for case in CASES for provider in case.providers
           if PROVIDERS is None or provider in PROVIDERS.split(",")]
 
@@ -36,10 +36,13 @@ PARAMS = [pytest.param(case, provider, id=f"{case.name}-{provider}")
 def test_op(benchmark, case, provider):
     inputs = _inputs(case)
     fn = case.providers[provider](inputs)
-    with torch.no_grad():
+    with torch.set_grad_enabled(not case.inference):
         for _ in range(3):  # warm-up (and compilation)
             fn()
         benchmark.extra_info.update(
-            op=case.op, case=case.name, provider=provider, description=case.description,
-            bytes=inputs["bytes"], threads=torch.get_num_threads(), peak_bytes=peak_memory_bytes(fn))
-        benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=2, iterations=1)
+            op=case.op, case=case.name, provider=provider, description=case.description, group=case.group,
+            bytes=inputs.get("bytes", 0), threads=torch.get_num_threads(), peak_bytes=peak_memory_bytes(fn))
+        rounds = case.rounds or ROUNDS
+        if "MEDMTL_BENCH_ROUNDS" in os.environ:
+            rounds = min(rounds, ROUNDS)
+        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)

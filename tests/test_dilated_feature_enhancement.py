@@ -215,3 +215,21 @@ def test_compiled_conv_op_checks_its_inputs(args, words):
     with pytest.raises(RuntimeError, match=None) as info:
         torch.ops.medmtl.multi_dilation_conv(*args)
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("variant", ["sum", "concat"])
+def test_eval_fold_cache_follows_parameter_changes(variant):
+    """Inference reuses the folded weights, but not after a parameter or statistic changes."""
+    layer, plain = _layer(3, 3, (1, 4), variant)
+    layer.eval()
+    plain.eval()
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad(), medmtl.backend("cpu"):
+        first = layer(x)
+        torch.testing.assert_close(layer(x), first)
+        for module in (layer, plain.layer):
+            module.branches[1][1].running_mean.add_(0.5)
+            module.branches[0][0].weight.mul_(1.5)
+        torch.testing.assert_close(layer(x), plain(x), **F64)
+        layer.load_state_dict(plain.layer.state_dict())
+        torch.testing.assert_close(layer(x), plain(x), **F64)

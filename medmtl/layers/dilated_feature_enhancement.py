@@ -116,7 +116,27 @@ class DilatedFeatureEnhancement(nn.Module):
 
     # -- eval mode: BatchNorms (and for "sum" the 1x1 convolutions) folded
 
+    def _folded_parameters(self, fold, x: torch.Tensor):
+        """fold() (the folded weights), cached while no parameter or statistic changes.
+
+        Inference (no autograd) reuses the last fold as long as every parameter
+        and buffer keeps its storage and version counter; with autograd, or
+        under torch.compile, it folds every call so gradients reach the modules.
+        """
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return fold()
+        key = (x.dtype, x.device, fold.__name__) + tuple(
+            (t.data_ptr(), t._version) for t in list(self.parameters()) + list(self.buffers()))
+        if getattr(self, "_fold_cache_key", None) != key:
+            self._fold_cache = fold()
+            self._fold_cache_key = key
+        return self._fold_cache
+
     def _sum_folded(self, x: torch.Tensor) -> torch.Tensor:
+        weights, bias = self._folded_parameters(self._fold_sum, x)
+        return multi_dilation_conv(x, weights.to(x.dtype), self.dilations, bias.to(x.dtype), "sum", "relu")
+
+    def _fold_sum(self) -> tuple[torch.Tensor, torch.Tensor]:
         weights, bias = [], 0
         for branch in self.branches:
             conv, bn1, pointwise, bn2 = branch
@@ -126,19 +146,23 @@ class DilatedFeatureEnhancement(nn.Module):
             mix = s2[:, None] * pointwise.weight[:, :, 0, 0] * s1[None, :]
             weights.append(torch.einsum("oc,cikl->oikl", mix, conv.weight))
             bias = bias + s2 * (pointwise.weight[:, :, 0, 0] @ b1) + b2
-        return multi_dilation_conv(x, torch.stack(weights).to(x.dtype), self.dilations, bias.to(x.dtype), "sum",
-                                   "relu")
+        return torch.stack(weights), bias
 
     def _concat_folded(self, x: torch.Tensor) -> torch.Tensor:
+        weights, bias, fuse, shortcut = self._folded_parameters(self._fold_concat, x)
+        branches = multi_dilation_conv(x, weights.to(x.dtype), [0] + self.dilations, bias.to(x.dtype), "concat",
+                                       "relu")
+        fused = nn.functional.conv2d(branches, fuse[0].to(x.dtype), fuse[1].to(x.dtype), padding=1)
+        residual = nn.functional.conv2d(x, shortcut[0].to(x.dtype), shortcut[1].to(x.dtype))
+        return torch.relu_(fused.add_(residual))
+
+    def _fold_concat(self):
         weights, biases = [], []
         for branch in self.branches:
             scale, shift = _bn_affine(branch[1])
             weights.append(self._as_3x3(branch[0].weight) * scale[:, None, None, None])
             biases.append(shift)
-        branches = multi_dilation_conv(x, torch.stack(weights).to(x.dtype), [0] + self.dilations,
-                                       torch.cat(biases).to(x.dtype), "concat", "relu")
-        fused = _folded_conv(self.fuse, branches, padding=1)
-        return torch.relu_(fused.add_(_folded_conv(self.shortcut, x, padding=0)))
+        return torch.stack(weights), torch.cat(biases), _fold_conv_bn(self.fuse), _fold_conv_bn(self.shortcut)
 
     # -- helpers
 
@@ -178,9 +202,8 @@ def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
-def _folded_conv(block: nn.Sequential, x: torch.Tensor, padding: int) -> torch.Tensor:
-    """Conv -> eval BatchNorm as one convolution with the norm folded in (ATen's convolution)."""
+def _fold_conv_bn(block: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conv -> eval BatchNorm as one convolution's (weight, bias)."""
     conv, bn = block
     scale, shift = _bn_affine(bn)
-    weight = (conv.weight * scale[:, None, None, None]).to(x.dtype)
-    return nn.functional.conv2d(x, weight, shift.to(x.dtype), padding=padding)
+    return conv.weight * scale[:, None, None, None], shift

@@ -101,15 +101,17 @@ def _fake_backward(grad_output, x, weight, dilations, output, combine, relu):
 def _setup_context(ctx, inputs, output):
     x, weight, dilations, bias, combine, relu = inputs
     ctx.config = (list(dilations), combine, relu, bias is not None)
-    ctx.save_for_backward(x, weight, output)
+    # The output is needed only for the ReLU's mask: without ReLU it is not kept.
+    ctx.save_for_backward(x, weight, output if relu else None)
 
 
 def _make_backward(backward_op):
     def backward(ctx, grad_output):
         dilations, combine, relu, has_bias = ctx.config
         x, weight, output = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = backward_op(grad_output.contiguous(), x, weight, dilations, output,
-                                                     combine, relu)
+        grad_output = grad_output.contiguous()
+        grad_x, grad_weight, grad_bias = backward_op(grad_output, x, weight, dilations,
+                                                     output if relu else grad_output, combine, relu)
         return grad_x, grad_weight, None, grad_bias if has_bias else None, None, None
 
     return backward

@@ -1,4 +1,4 @@
-"""The CUDA kernels of multiscale_pool: built and registered everywhere CUDA
+"""The CUDA kernels: built and registered everywhere CUDA
 can be compiled; run against the reference where a GPU is present."""
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ CUDA_EXPECTED = (torch.version.cuda is not None and os.environ.get("MEDMTL_BUILD
 def test_cuda_kernels_were_compiled_and_registered():
     """In CI the CUDA sources must compile, link and register their kernels."""
     assert extension_loaded() and extension_has_cuda(), medmtl.info()
-    for op in ("medmtl::multiscale_pool", "medmtl::multiscale_pool_backward"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
+    for op in ("multiscale_pool", "multi_dilation_conv", "spatial_attention"):
+        for name in (f"medmtl::{op}", f"medmtl::{op}_backward"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name
     arches = medmtl._extension.cuda_arch_list()
     assert "8.0" in arches and "9.0" in arches
 
@@ -78,3 +80,39 @@ def test_cuda_gradcheck_and_opcheck():
 @requires_cuda_gpu
 def test_auto_prefers_a_gpu_backend_for_cuda_tensors():
     assert medmtl.ops.resolve_backend("multiscale_pool", torch.device("cuda")) in ("cuda", "triton")
+
+
+@requires_cuda_gpu
+@pytest.mark.parametrize("combine", ["sum", "concat"])
+@pytest.mark.parametrize("hw,dilations", [((14, 14), [6, 12, 18]), ((5, 7), [0, 1, 2]), ((1, 1), [18])])
+def test_cuda_multi_dilation_conv_matches_reference(combine, hw, dilations):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, *hw, generator=g, dtype=torch.float64).cuda().requires_grad_()
+    weight = (torch.randn(len(dilations), 6, 8, 3, 3, generator=g, dtype=torch.float64) / 5).cuda().requires_grad_()
+    bias = torch.randn(6 if combine == "sum" else 6 * len(dilations), generator=g,
+                       dtype=torch.float64).cuda().requires_grad_()
+    results = {}
+    for backend in ("reference", "cuda"):
+        with medmtl.backend(backend):
+            out = medmtl.ops.multi_dilation_conv(x, weight, dilations, bias, combine, "relu")
+        grad = torch.linspace(-1, 1, out.numel(), device="cuda", dtype=out.dtype).view_as(out)
+        results[backend] = (out, torch.autograd.grad(out, (x, weight, bias), grad))
+    torch.testing.assert_close(results["cuda"][0], results["reference"][0])
+    for got, expected in zip(results["cuda"][1], results["reference"][1]):
+        torch.testing.assert_close(got, expected)
+
+
+@requires_cuda_gpu
+@pytest.mark.parametrize("k", [3, 7])
+def test_cuda_spatial_attention_matches_reference(k):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 9, 7, generator=g, dtype=torch.float64).cuda().requires_grad_()
+    weight = (torch.randn(1, 2, k, k, generator=g, dtype=torch.float64) / k).cuda().requires_grad_()
+    results = {}
+    for backend in ("reference", "cuda"):
+        with medmtl.backend(backend):
+            out = medmtl.ops.spatial_attention(x, weight)
+        results[backend] = (out, torch.autograd.grad(out.square().sum(), (x, weight)))
+    torch.testing.assert_close(results["cuda"][0], results["reference"][0])
+    for got, expected in zip(results["cuda"][1], results["reference"][1]):
+        torch.testing.assert_close(got, expected)

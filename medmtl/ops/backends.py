@@ -26,9 +26,12 @@ KERNEL_BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 # Which GPU backend `auto` takes first, per op. No GPU has been lent to this
 # project yet, so these orders are not measured: the CUDA kernels come first
-# because they make one pass where the Triton ones make one per output size.
+# (for multiscale_pool they make one pass where the Triton ones make one per
+# output size; for the others there is no reason yet to prefer either).
 GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "multiscale_pool": ("cuda", "triton"),
+    "multi_dilation_conv": ("cuda", "triton"),
+    "spatial_attention": ("cuda", "triton"),
 }
 
 # Ops and the backends each implements, filled by the op modules.

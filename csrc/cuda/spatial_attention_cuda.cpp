@@ -1,0 +1,146 @@
+// CUDA backend of medmtl::spatial_attention: torch wrappers around the
+// launchers of spatial_attention_kernel.cu, with the input checks shared with
+// the CPU wrappers (csrc/spatial_attention_checks.h).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+#include <tuple>
+
+#include "../spatial_attention_checks.h"
+#include "spatial_attention_kernel.h"
+
+namespace medmtl {
+namespace {
+
+// The CUDA type of an ATen scalar type (same size and layout).
+template <typename scalar_t>
+struct CudaScalar {
+  using type = scalar_t;
+};
+template <>
+struct CudaScalar<at::Half> {
+  using type = __half;
+};
+template <>
+struct CudaScalar<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename scalar_t>
+using cuda_scalar_t = typename CudaScalar<scalar_t>::type;
+
+template <typename scalar_t>
+const cuda_scalar_t<scalar_t>* device_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const cuda_scalar_t<scalar_t>*>(t.const_data_ptr<scalar_t>());
+}
+
+template <typename scalar_t>
+cuda_scalar_t<scalar_t>* device_mutable_ptr(at::Tensor& t) {
+  return t.numel() > 0 ? reinterpret_cast<cuda_scalar_t<scalar_t>*>(t.mutable_data_ptr<scalar_t>()) : nullptr;
+}
+
+template <typename T>
+T* scratch_ptr(at::Tensor& t) {
+  return t.numel() > 0 ? t.mutable_data_ptr<T>() : nullptr;
+}
+
+// t (contiguous) in the memory format of `like`, as the fake kernels' empty_like gives.
+at::Tensor laid_out_like(const at::Tensor& t, const at::Tensor& like) {
+  if (like.is_contiguous()) return t;
+  return at::empty_like(like).copy_(t);
+}
+
+cuda::SpatialAttentionDims dims_of(const at::Tensor& x, const at::Tensor& weight) {
+  cuda::SpatialAttentionDims dims;
+  dims.batch = x.size(0);
+  dims.channels = x.size(1);
+  dims.height = x.size(2);
+  dims.width = x.size(3);
+  dims.kernel_size = weight.size(-1);
+  return dims;
+}
+
+void check_cuda(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor for the CUDA kernels, got ", t.device());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on the device of x (", x.device(), "), got ",
+              t.device());
+}
+
+// The first maximal channel is kept as an int32.
+void check_channels(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.size(1) <= std::numeric_limits<int32_t>::max(), op,
+              ": x must have fewer than 2^31 channels for the CUDA kernels, got ", x.size(1));
+}
+
+at::Tensor spatial_attention_cuda(const at::Tensor& x_in, const at::Tensor& weight_in) {
+  check_spatial_attention_inputs(x_in, weight_in);
+  check_cuda("spatial_attention", "x", x_in, x_in);
+  check_channels("spatial_attention", x_in);
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  if (x.size(0) == 0) return laid_out_like(out, x_in);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cuda::SpatialAttentionDims dims = dims_of(x, weight);
+  const cuda::SpatialAttentionWorkspace ws = cuda::spatial_attention_workspace(dims);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_cuda", [&] {
+    using acc_t = cuda::acc_type<cuda_scalar_t<scalar_t>>;
+    const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    at::Tensor pooled = at::empty({ws.pooled_elements}, acc_options);
+    at::Tensor gate = at::empty({ws.gate_elements}, acc_options);
+    C10_CUDA_CHECK(cuda::launch_spatial_attention_forward(
+        dims, device_ptr<scalar_t>(x), device_ptr<scalar_t>(weight), device_mutable_ptr<scalar_t>(out),
+        scratch_ptr<acc_t>(pooled), scratch_ptr<acc_t>(gate), stream));
+  });
+  return laid_out_like(out, x_in);
+}
+
+std::tuple<at::Tensor, at::Tensor> spatial_attention_backward_cuda(const at::Tensor& grad_output_in,
+                                                                    const at::Tensor& x_in,
+                                                                    const at::Tensor& weight_in) {
+  check_spatial_attention_inputs(x_in, weight_in);
+  check_spatial_attention_backward_inputs(grad_output_in, x_in);
+  check_cuda("spatial_attention_backward", "x", x_in, x_in);
+  check_cuda("spatial_attention_backward", "grad_output", grad_output_in, x_in);
+  check_channels("spatial_attention_backward", x_in);
+  const c10::cuda::CUDAGuard device_guard(x_in.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor grad_output = grad_output_in.contiguous();
+  const cuda::SpatialAttentionDims dims = dims_of(x, weight);
+  const cuda::SpatialAttentionWorkspace ws = cuda::spatial_attention_workspace(dims);
+  const int64_t k = dims.kernel_size;
+  at::Tensor grad_x = at::empty(x.sizes(), x.options());
+  at::Tensor grad_weight;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_backward_cuda", [&] {
+    using acc_t = cuda::acc_type<cuda_scalar_t<scalar_t>>;
+    const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    at::Tensor weight_partial = at::empty({2 * k * k, ws.weight_partials}, acc_options);
+    at::Tensor pooled = at::empty({ws.pooled_elements}, acc_options);
+    at::Tensor argmax = at::empty({ws.argmax_elements}, x.options().dtype(at::kInt));
+    at::Tensor gate = at::empty({ws.gate_elements}, acc_options);
+    at::Tensor grad_logit = at::empty({ws.grad_logit_elements}, acc_options);
+    at::Tensor grad_pooled = at::empty({ws.grad_pooled_elements}, acc_options);
+    C10_CUDA_CHECK(cuda::launch_spatial_attention_backward(
+        dims, device_ptr<scalar_t>(grad_output), device_ptr<scalar_t>(x), device_ptr<scalar_t>(weight),
+        device_mutable_ptr<scalar_t>(grad_x), weight_partial.mutable_data_ptr<acc_t>(), scratch_ptr<acc_t>(pooled),
+        scratch_ptr<int32_t>(argmax), scratch_ptr<acc_t>(gate), scratch_ptr<acc_t>(grad_logit),
+        scratch_ptr<acc_t>(grad_pooled), stream));
+    grad_weight = weight_partial.sum(1).view({1, 2, k, k}).to(x.scalar_type());
+  });
+  return {laid_out_like(grad_x, x_in), laid_out_like(grad_weight, weight_in)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(medmtl, CUDA, m) {
+  m.impl("spatial_attention", &spatial_attention_cuda);
+  m.impl("spatial_attention_backward", &spatial_attention_backward_cuda);
+}
+
+}  // namespace medmtl

@@ -1,0 +1,569 @@
+"""The CUDA kernels of multi_dilation_conv and spatial_attention, run on the CPU.
+
+Without a GPU, this module compiles copies of
+csrc/cuda/multi_dilation_conv_kernel.cu and csrc/cuda/spatial_attention_kernel.cu
+with g++ against the emulation of tests/cuda_emulation/cuda_emu.h (threads as
+fibers, blocks one after another; see that file for what is and is not
+emulated), calls the launchers through tests/cuda_emulation/driver_dilated_attention.cpp
+and ctypes the way the torch wrappers csrc/cuda/*_cuda.cpp do, and compares
+forward and every gradient with the reference ops (medmtl.ops.reference,
+differentiated by autograd in float64). Two builds: the kernels as they are,
+and a "small limits" one with tiny tiles, chunks, grids and tap lists, so that
+the multi-tile, multi-chunk, grid-stride and multi-launch paths run on small
+inputs.
+
+Buffers handed to the kernels sit between guard zones: writes outside the
+outputs are reported, reads outside the inputs (and of scratch before it is
+written) see NaN, outputs start out filled with a sentinel that must be
+overwritten.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import re
+import shutil
+import site
+import subprocess
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from medmtl.ops import reference
+
+TESTS = Path(__file__).resolve().parent
+EMULATION = TESTS / "cuda_emulation"
+CSRC = TESTS.parent / "csrc"
+KERNELS = ("multi_dilation_conv_kernel", "spatial_attention_kernel")
+HEADERS = ("multiscale_pool_kernel.h",)  # included by the kernels' headers (acc_type)
+CUDA_HEADERS = ("cuda_runtime_api.h", "cuda_fp16.h", "cuda_bf16.h")
+
+# The "small limits" build: per kernel file, constant -> value.
+SMALL_LIMITS = {
+    "multi_dilation_conv_kernel.cu": {
+        "kTileH": 4, "kTileW": 8, "kOutTile": 3, "kRedChunk": 2, "kWeightTileOut": 4, "kWeightTileIn": 8,
+        "kPixelChunk": 5, "kBiasThreads": 32, "kMaxTapsPerLaunch": 9, "kMaxGridX": 2, "kMaxGridY": 3,
+        "kTargetBlocks": 64,
+    },
+    "spatial_attention_kernel.cu": {
+        "kPoolSlices": 3, "kPixelThreads": 32, "kWeightThreads": 32, "kMaxGridX": 2, "kMaxGridY": 3,
+        "kTargetBlocks": 64,
+    },
+}
+
+DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+ACC_DTYPE = {torch.float32: torch.float32, torch.float64: torch.float64,
+             torch.float16: torch.float32, torch.bfloat16: torch.float32}
+# Against the float64 reference on the same (rounded) inputs.
+TOLERANCE = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+    torch.float16: dict(rtol=1e-2, atol=1e-2),
+    torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
+}
+GUARD = 64           # elements of guard zone on each side of a buffer
+SENTINEL = -12288.0  # initial value of the outputs (exact in every dtype)
+
+
+# ---------------------------------------------------------------------------
+# Source preparation and build.
+
+LAUNCH = re.compile(r"(?P<kernel>[A-Za-z_]\w*(?:\s*<[^<>;(){}]*>)?)\s*<<<(?P<config>[^;]*?)>>>\s*\(")
+
+
+def rewrite_launches(source: str, path: Path) -> str:
+    """`kernel<<<config>>>(` -> `::emu::launch("kernel", kernel, config)(`, every one of them."""
+    expected = source.count("<<<")
+
+    def launch(m: re.Match) -> str:
+        kernel = " ".join(m["kernel"].split())
+        return f'::emu::launch("{kernel}", {kernel}, {" ".join(m["config"].split())})('
+
+    rewritten, count = LAUNCH.subn(launch, source)
+    if count == 0 or count != expected or "<<<" in rewritten or ">>>" in rewritten:
+        raise AssertionError(f"{path}: rewrote {count} kernel launches but the source has {expected} `<<<`; "
+                             "update LAUNCH in this test to the launch syntax the kernels use")
+    return rewritten
+
+
+def set_constants(source: str, values: dict[str, int], path: Path) -> str:
+    for name, value in values.items():
+        pattern = re.compile(rf"(\bconstexpr\s+[\w:]+\s+{name}\s*=\s*)[^;]+;")
+        source, count = pattern.subn(rf"\g<1>{value};", source)
+        if count != 1:
+            raise AssertionError(f"{path}: `constexpr ... {name} = ...;` matched {count} times, not once")
+    return source
+
+
+def find_cuda_include(cxx: str) -> tuple[Path | None, str]:
+    """The first include dir with usable CUDA headers, or None and why not."""
+    candidates = [Path(os.environ[v]) / "include" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    candidates += [Path(p) for p in sorted(glob.glob("/usr/local/cuda*/include"))]
+    dirs = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    try:
+        dirs.update(site.getsitepackages())
+    except AttributeError:  # some virtualenvs
+        pass
+    for sp in map(Path, sorted(dirs)):
+        candidates += sorted(sp.glob("nvidia/cu*/include")) + sorted(sp.glob("nvidia/cuda_runtime/include"))
+    probe = "".join(f"#include <{h}>\n" for h in CUDA_HEADERS)
+    problems = []
+    for inc in dict.fromkeys(candidates):
+        if not all((inc / h).is_file() for h in CUDA_HEADERS):
+            continue
+        r = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-x", "c++", "-I", str(inc), "-"],
+                           input=probe, capture_output=True, text=True)
+        if r.returncode == 0:
+            return inc, ""
+        errors = [line for line in r.stderr.splitlines() if "error" in line] or ["does not compile"]
+        problems.append(f"{inc}: {errors[0]}")
+    where = "; ".join(problems) if problems else "none in CUDA_HOME, /usr/local/cuda*, site-packages/nvidia"
+    return None, f"no usable CUDA headers ({', '.join(CUDA_HEADERS)}): {where}"
+
+
+def prepare_sources(root: Path, small: bool) -> Path:
+    """A copy of csrc/{core,cuda} with the launches rewritten; returns its cuda dir."""
+    shutil.copytree(CSRC / "core", root / "core")
+    (root / "cuda").mkdir()
+    for name in HEADERS:
+        shutil.copy(CSRC / "cuda" / name, root / "cuda" / name)
+    for kernel in KERNELS:
+        cu_path = CSRC / "cuda" / f"{kernel}.cu"
+        cu = rewrite_launches(cu_path.read_text(), cu_path)
+        if small:
+            cu = set_constants(cu, SMALL_LIMITS[cu_path.name], cu_path)
+        (root / "cuda" / cu_path.name).write_text(cu)
+        shutil.copy(CSRC / "cuda" / f"{kernel}.h", root / "cuda" / f"{kernel}.h")
+    return root / "cuda"
+
+
+class Emulated:
+    """One build of the kernels, loaded with ctypes."""
+
+    def __init__(self, path: Path, name: str):
+        self.name = name
+        lib = self.lib = ctypes.CDLL(str(path))
+        P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+        lib.emu_reset.argtypes, lib.emu_reset.restype = [ctypes.c_uint64], None
+        lib.emu_error.argtypes, lib.emu_error.restype = [], ctypes.c_char_p
+        lib.emu_log.argtypes, lib.emu_log.restype = [], ctypes.c_char_p
+        lib.mdc_workspace.argtypes, lib.mdc_workspace.restype = [P, P, I, P], None
+        lib.mdc_taps.argtypes, lib.mdc_taps.restype = [P, P, L, P], L
+        lib.mdc_forward.argtypes, lib.mdc_forward.restype = [I, P, P, P, P, P, I, P, P], I
+        lib.mdc_backward.argtypes, lib.mdc_backward.restype = [I, P, P, P, P, P, P, I, P, P, P, P, P], I
+        lib.sa_workspace.argtypes, lib.sa_workspace.restype = [P, P], None
+        lib.sa_forward.argtypes, lib.sa_forward.restype = [I, P, P, P, P, P, P], I
+        lib.sa_backward.argtypes, lib.sa_backward.restype = [I, P, P, P, P, P, P, P, P, P, P, P], I
+        lib.core_taps.argtypes, lib.core_taps.restype = [I, L, L, L, L], L
+
+    def launches(self) -> list[str]:
+        """Kernel names of the launches since the last reset."""
+        return [line.rsplit(" ", 6)[0] for line in self.lib.emu_log().decode().splitlines()]
+
+    def check(self, status: int, what: str):
+        assert status == 0, f"{self.name}: {what} failed with cudaError {status}: {self.lib.emu_error().decode()}"
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory) -> dict[str, Emulated]:
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("g++ not found: cannot build the CUDA emulation")
+    include, why = find_cuda_include(cxx)
+    if include is None:
+        pytest.skip(why)
+    root = tmp_path_factory.mktemp("cuda_emulation_dilated_attention")
+    out = {}
+    for name in ("real", "small"):  # one compiler at a time
+        cuda_dir = prepare_sources(root / name, small=name == "small")
+        lib = root / f"libemu_{name}.so"
+        cmd = [cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-fvisibility=hidden",
+               "-Wl,-z,defs", "-Wall", "-Wno-unknown-pragmas", "-I", str(include), "-I", str(cuda_dir),
+               "-I", str(EMULATION), str(EMULATION / "driver_dilated_attention.cpp"), "-o", str(lib)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise AssertionError(f"building the {name} emulation failed:\n{' '.join(cmd)}\n{r.stderr[-6000:]}")
+        out[name] = Emulated(lib, name)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Guarded buffers.
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+class Guarded:
+    """A flat buffer with guard zones of `fill` on each side; `.t` is the tensor in between."""
+
+    def __init__(self, shape, dtype, value, fill):
+        shape = tuple(shape)
+        n = 1
+        for s in shape:
+            n *= s
+        self.n, self.fill = n, fill
+        self.buf = torch.full((n + 2 * GUARD,), fill, dtype=dtype)
+        self.t = self.buf[GUARD:GUARD + n].view(shape)
+        if isinstance(value, torch.Tensor):
+            self.t.copy_(value.reshape(shape))
+        else:
+            self.t.fill_(value)
+
+    def ptr(self) -> int:
+        return self.t.data_ptr()
+
+    def check_guards(self, what: str):
+        expected = _bits(torch.full((GUARD,), self.fill, dtype=self.buf.dtype))
+        for zone, side in ((self.buf[:GUARD], "before"), (self.buf[GUARD + self.n:], "after")):
+            assert torch.equal(_bits(zone), expected), f"the kernels wrote {side} {what}"
+
+
+def guarded_input(t: torch.Tensor) -> Guarded:
+    return Guarded(t.shape, t.dtype, t.contiguous(), float("nan") if t.is_floating_point() else -1)
+
+
+def guarded_output(shape, dtype) -> Guarded:
+    return Guarded(shape, dtype, SENTINEL, SENTINEL)
+
+
+def scratch(n: int, dtype) -> Guarded:
+    """Scratch the kernels must write before they read: NaN inside and around."""
+    fill = float("nan") if dtype.is_floating_point else -1
+    return Guarded((n,), dtype, fill, fill)
+
+
+def assert_written(g: Guarded, what: str):
+    g.check_guards(what)
+    if g.n:
+        stale = _bits(g.t.reshape(-1)) == _bits(torch.tensor([SENTINEL], dtype=g.t.dtype))
+        assert not stale.any(), f"{what}: {int(stale.sum())} of {g.n} elements never written"
+
+
+def assert_unchanged(g: Guarded, original: torch.Tensor, what: str):
+    g.check_guards(what)
+    assert torch.equal(_bits(g.t.reshape(-1)), _bits(original.contiguous().reshape(-1))), f"the kernels wrote {what}"
+
+
+def ptr_or_none(g: Guarded | None) -> int | None:
+    """The buffer's address, or None (nullptr) for an absent or empty one."""
+    return g.ptr() if g is not None and g.n else None
+
+
+# ---------------------------------------------------------------------------
+# The torch wrappers of csrc/cuda/{multi_dilation_conv,spatial_attention}_cuda.cpp, in Python.
+
+def mdc_dims(x, weight, dilations, combine) -> tuple[torch.Tensor, torch.Tensor]:
+    B, cin, H, W = x.shape
+    n, cout = weight.shape[:2]
+    dims = torch.tensor([B, cin, cout, H, W, n, int(combine == "concat")], dtype=torch.int64)
+    return dims, torch.tensor(list(dilations), dtype=torch.int64)
+
+
+def mdc_workspace(emu: Emulated, dims, dil, relu) -> list[int]:
+    ws = torch.zeros(5, dtype=torch.int64)
+    emu.lib.mdc_workspace(dims.data_ptr(), dil.data_ptr(), int(relu), ws.data_ptr())
+    return ws.tolist()
+
+
+def emulated_mdc_forward(emu: Emulated, x, weight, dilations, bias, combine, relu):
+    dims, dil = mdc_dims(x, weight, dilations, combine)
+    forward_acc, *_ = mdc_workspace(emu, dims, dil, relu)
+    n, cout = weight.shape[:2]
+    channels = n * cout if combine == "concat" else cout
+    packed = weight.permute(0, 3, 4, 2, 1).contiguous()
+    gx, gw = guarded_input(x), guarded_input(packed)
+    gb = guarded_input(bias) if bias is not None else None
+    out = guarded_output((x.shape[0], channels, x.shape[2], x.shape[3]), x.dtype)
+    acc = scratch(forward_acc, ACC_DTYPE[x.dtype])
+    status = emu.lib.mdc_forward(DTYPE_CODE[x.dtype], dims.data_ptr(), dil.data_ptr(), gx.ptr(), gw.ptr(),
+                                 ptr_or_none(gb), int(relu), out.ptr(), ptr_or_none(acc))
+    emu.check(status, "multi_dilation_conv forward")
+    assert_unchanged(gx, x, "x")
+    assert_unchanged(gw, packed, "the weight")
+    if gb is not None:
+        assert_unchanged(gb, bias, "the bias")
+    acc.check_guards("the forward scratch")
+    assert_written(out, "output")
+    return out.t
+
+
+def emulated_mdc_backward(emu: Emulated, grad_output, x, weight, dilations, output, combine, relu):
+    dims, dil = mdc_dims(x, weight, dilations, combine)
+    _, grad_x_acc, grad_pre, weight_partials, bias_partials = mdc_workspace(emu, dims, dil, relu)
+    n, cout, cin = weight.shape[:3]
+    acc_dtype = ACC_DTYPE[x.dtype]
+    packed = weight.permute(0, 3, 4, 2, 1).contiguous()
+    ggo, gx_in, gw, gout = (guarded_input(t) for t in (grad_output, x, packed, output))
+    gx = guarded_output(x.shape, x.dtype)
+    # Zero-filled by the wrapper: the kernels write the slots of the taps that read the map.
+    gw_partial = Guarded((weight_partials, n * 9, cout, cin), acc_dtype, 0.0, SENTINEL)
+    gb_partial = guarded_output((grad_output.shape[1], bias_partials), acc_dtype)
+    pre = scratch(grad_pre, x.dtype)
+    gx_acc = scratch(grad_x_acc, acc_dtype)
+    status = emu.lib.mdc_backward(DTYPE_CODE[x.dtype], dims.data_ptr(), dil.data_ptr(), ggo.ptr(), gx_in.ptr(),
+                                  gw.ptr(), gout.ptr(), int(relu), ptr_or_none(gx), gw_partial.ptr(),
+                                  gb_partial.ptr(), ptr_or_none(pre), ptr_or_none(gx_acc))
+    emu.check(status, "multi_dilation_conv backward")
+    for g, t, what in ((ggo, grad_output, "grad_output"), (gx_in, x, "x"), (gw, packed, "the weight"),
+                       (gout, output, "output")):
+        assert_unchanged(g, t, what)
+    assert_written(gx, "grad_x")
+    assert_written(gb_partial, "grad_bias partials")
+    gw_partial.check_guards("grad_weight partials")
+    pre.check_guards("the grad_pre scratch")
+    gx_acc.check_guards("the grad_x scratch")
+    grad_weight = gw_partial.t.sum(0).view(n, 3, 3, cout, cin).permute(0, 3, 4, 1, 2).to(x.dtype)
+    return gx.t, grad_weight, gb_partial.t.sum(1).to(x.dtype)
+
+
+def sa_workspace(emu: Emulated, dims) -> list[int]:
+    ws = torch.zeros(6, dtype=torch.int64)
+    emu.lib.sa_workspace(dims.data_ptr(), ws.data_ptr())
+    return ws.tolist()
+
+
+def emulated_sa_forward(emu: Emulated, x, weight):
+    dims = torch.tensor(list(x.shape) + [weight.shape[-1]], dtype=torch.int64)
+    pooled_n, gate_n, *_ = sa_workspace(emu, dims)
+    acc_dtype = ACC_DTYPE[x.dtype]
+    gx, gw = guarded_input(x), guarded_input(weight)
+    out = guarded_output(x.shape, x.dtype)
+    pooled, gate = scratch(pooled_n, acc_dtype), scratch(gate_n, acc_dtype)
+    status = emu.lib.sa_forward(DTYPE_CODE[x.dtype], dims.data_ptr(), gx.ptr(), gw.ptr(), ptr_or_none(out),
+                                ptr_or_none(pooled), ptr_or_none(gate))
+    emu.check(status, "spatial_attention forward")
+    assert_unchanged(gx, x, "x")
+    assert_unchanged(gw, weight, "the weight")
+    pooled.check_guards("the pooled scratch")
+    gate.check_guards("the gate scratch")
+    assert_written(out, "output")
+    return out.t
+
+
+def emulated_sa_backward(emu: Emulated, grad_output, x, weight):
+    dims = torch.tensor(list(x.shape) + [weight.shape[-1]], dtype=torch.int64)
+    pooled_n, gate_n, argmax_n, logit_n, gpooled_n, partials = sa_workspace(emu, dims)
+    acc_dtype = ACC_DTYPE[x.dtype]
+    k = weight.shape[-1]
+    ggo, gx_in, gw = guarded_input(grad_output), guarded_input(x), guarded_input(weight)
+    gx = guarded_output(x.shape, x.dtype)
+    gw_partial = guarded_output((2 * k * k, partials), acc_dtype)
+    bufs = [scratch(pooled_n, acc_dtype), scratch(argmax_n, torch.int32), scratch(gate_n, acc_dtype),
+            scratch(logit_n, acc_dtype), scratch(gpooled_n, acc_dtype)]
+    status = emu.lib.sa_backward(DTYPE_CODE[x.dtype], dims.data_ptr(), ggo.ptr(), gx_in.ptr(), gw.ptr(),
+                                 ptr_or_none(gx), gw_partial.ptr(), *(ptr_or_none(b) for b in bufs))
+    emu.check(status, "spatial_attention backward")
+    for g, t, what in ((ggo, grad_output, "grad_output"), (gx_in, x, "x"), (gw, weight, "the weight")):
+        assert_unchanged(g, t, what)
+    assert_written(gx, "grad_x")
+    assert_written(gw_partial, "grad_weight partials")
+    for b in bufs:
+        b.check_guards("a backward scratch buffer")
+    return gx.t, gw_partial.t.sum(1).view(1, 2, k, k).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Oracles: the reference ops in float64 (on the same, rounded, inputs), autograd.
+
+def reference_mdc(x, weight, dilations, bias, combine, relu, grad_output):
+    x64 = x.double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    n, cout = weight.shape[:2]
+    channels = n * cout if combine == "concat" else cout
+    # A zero bias when there is none: the output is the same, and grad_bias is always returned.
+    b64 = (bias.double() if bias is not None else torch.zeros(channels, dtype=torch.float64)).requires_grad_()
+    out = reference.multi_dilation_conv(x64, w64, dilations, b64, combine, relu)
+    out.backward(grad_output.double())
+    return out.detach(), x64.grad, w64.grad, b64.grad
+
+
+def reference_sa(x, weight, grad_output):
+    x64 = x.double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    out = reference.spatial_attention(x64, w64)
+    out.backward(grad_output.double())
+    return out.detach(), x64.grad, w64.grad
+
+
+def assert_close(got, expected, dtype, what):
+    torch.testing.assert_close(got.double(), expected, **TOLERANCE[dtype], msg=lambda m: f"{what}: {m}")
+
+
+# ---------------------------------------------------------------------------
+# multi_dilation_conv cases.
+
+@dataclass
+class ConvCase:
+    x: tuple[int, int, int, int]  # (B, Cin, H, W)
+    cout: int
+    dilations: tuple[int, ...]
+    combine: str = "sum"
+    relu: bool = False
+    bias: bool = True
+    dtype: torch.dtype = torch.float64
+
+
+CONV_CASES = {
+    "sum_relu_bias_f64": ConvCase((2, 3, 7, 6), 4, (1, 2, 3), "sum", True),
+    "concat_1x1_branch_f64": ConvCase((1, 4, 5, 9), 3, (0, 1, 5), "concat", False),
+    "sum_dilations_beyond_map_nobias_f64": ConvCase((2, 2, 6, 5), 3, (12, 18), "sum", False, False),
+    "concat_relu_1x1_map_f32": ConvCase((2, 2, 1, 1), 2, (2, 0, 20), "concat", True, False, torch.float32),
+    "sum_relu_aspp_14x14_f32": ConvCase((1, 5, 14, 14), 6, (1, 6, 12, 18), "sum", True, True, torch.float32),
+    # More channels than a chunk / a channel tile, more pixels than a tile (the real build's limits).
+    "concat_relu_chunks_tiles_f32": ConvCase((1, 19, 17, 18), 17, (1, 3), "concat", True, True, torch.float32),
+    # More taps than one launch takes: the "sum" and grad_x scratch paths of the real build.
+    "sum_many_branches_f64": ConvCase((1, 2, 10, 9), 2, tuple(range(1, 10)), "sum", True, True),
+    "concat_many_branches_f32": ConvCase((1, 2, 4, 5), 2, (1, 2, 3, 0, 4, 1, 2, 3, 9), "concat", False, True,
+                                         torch.float32),
+    "sum_relu_batch1_odd_f16": ConvCase((1, 3, 6, 7), 4, (1, 2), "sum", True, True, torch.float16),
+    "concat_relu_bf16": ConvCase((2, 4, 5, 5), 3, (0, 3), "concat", True, True, torch.bfloat16),
+    "sum_batch0_f32": ConvCase((0, 3, 4, 4), 2, (1, 2), "sum", True, True, torch.float32),
+}
+
+
+def conv_inputs(case: ConvCase, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    B, cin, H, W = case.x
+    n, cout = len(case.dilations), case.cout
+    channels = n * cout if case.combine == "concat" else cout
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(case.dtype)
+
+    x = randn(B, cin, H, W)
+    weight = randn(n, cout, cin, 3, 3, scale=0.5)
+    bias = randn(channels) if case.bias else None
+    grad_output = randn(B, channels, H, W)
+    return x, weight, bias, grad_output
+
+
+def run_conv_case(emu: Emulated, case: ConvCase, seed: int):
+    x, weight, bias, grad_output = conv_inputs(case, seed)
+    dilations = list(case.dilations)
+    emu.lib.emu_reset(seed)
+    out64, gx64, gw64, gb64 = reference_mdc(x, weight, dilations, bias, case.combine, case.relu, grad_output)
+    out = emulated_mdc_forward(emu, x, weight, dilations, bias, case.combine, case.relu)
+    assert_close(out, out64, case.dtype, "forward")
+    # The backward gets the forward's output in the input dtype (its sign is the ReLU's mask).
+    gx, gw, gb = emulated_mdc_backward(emu, grad_output, x, weight, dilations, out64.to(case.dtype),
+                                       case.combine, case.relu)
+    assert_close(gx, gx64, case.dtype, "grad_x")
+    assert_close(gw, gw64, case.dtype, "grad_weight")
+    assert_close(gb, gb64, case.dtype, "grad_bias")
+    return emu.launches()
+
+
+@pytest.mark.parametrize("build", ["real", "small"])
+@pytest.mark.parametrize("name", list(CONV_CASES))
+def test_multi_dilation_conv_matches_reference(emulated, name, build):
+    run_conv_case(emulated[build], CONV_CASES[name], seed=zlib.crc32(name.encode()))
+
+
+def test_multi_dilation_conv_taps_reading_only_padding_are_skipped(emulated):
+    """The host's tap list: at dilations 12 / 18 on a 14x14 map, the 9 taps of
+    dilation 12 and the centre tap of 18; on a 6x5 map only the centre taps;
+    a 1x1 branch has its centre tap only."""
+    lib = emulated["real"].lib
+
+    def taps(hw, dilations):
+        x = torch.empty(1, 1, *hw)
+        dims, dil = mdc_dims(x, torch.empty(len(dilations), 1, 1, 3, 3), dilations, "sum")
+        rows = torch.zeros(3 * 9 * len(dilations), dtype=torch.int64)
+        n = lib.mdc_taps(dims.data_ptr(), dil.data_ptr(), 9 * len(dilations), rows.data_ptr())
+        return [tuple(r) for r in rows[:3 * n].view(n, 3).tolist()]
+
+    got = taps((14, 14), [12, 18])
+    assert len(got) == 10 and (9 + 4, 0, 0) in got and all(s < 9 for s, _, _ in got if s != 13), got
+    assert taps((6, 5), [12, 18]) == [(4, 0, 0), (13, 0, 0)]
+    assert taps((4, 4), [0, 1]) == [(4, 0, 0)] + [(9 + t, dy, dx) for t, (dy, dx) in
+                                                  enumerate((a, b) for a in (-1, 0, 1) for b in (-1, 0, 1))]
+    assert taps((5, 9), [6]) == [(3, 0, -6), (4, 0, 0), (5, 0, 6)]  # rows shift by 6 >= 5: padding only
+
+
+def test_small_build_runs_every_path(emulated):
+    """The small build splits the taps over several launches (scratch
+    accumulation for "sum" and grad_x, branch groups for "concat") and
+    grid-strides; the real build does the same case in one launch per kernel."""
+    case = CONV_CASES["sum_relu_bias_f64"]  # 27 taps
+    small = run_conv_case(emulated["small"], case, seed=3)
+    real = run_conv_case(emulated["real"], case, seed=3)
+    conv = [k for k in small if "dilated_taps_conv_kernel" in k]
+    assert len(conv) == 2 * 3, small  # forward and grad_x: 27 taps, 9 per launch
+    assert len([k for k in real if "dilated_taps_conv_kernel" in k]) == 2, real
+    concat = run_conv_case(emulated["small"], CONV_CASES["concat_relu_chunks_tiles_f32"], seed=3)
+    assert len([k for k in concat if "dilated_taps_conv_kernel" in k]) == 2 + 2, concat
+
+
+def test_core_tap_ranges(emulated):
+    """tap_reaches, tap_only_padding and the window bounds of csrc/core/dilated_taps.h
+    (as compiled into the kernels) against brute force."""
+    f = emulated["real"].lib.core_taps
+    for length in range(1, 8):
+        for shift in range(-9, 10):
+            inside = [pos for pos in range(length) if 0 <= pos + shift < length]
+            begin, end = f(0, shift, length, 0, 0), f(1, shift, length, 0, 0)
+            assert (begin, end) == (inside[0], inside[-1] + 1) if inside else begin >= end
+            for first in range(length):
+                for last in range(first + 1, length + 1):
+                    assert f(2, shift, length, first, last) == any(first <= q < last for q in inside)
+            for other in (1, 3):  # the other axis, unshifted, always reads inside
+                assert f(3, shift, 0, length, other) == f(3, 0, shift, other, length) == (not inside)
+        for size in (1, 3, 5, 7):
+            r = size // 2
+            for pos in range(length):
+                valid = [k for k in range(size) if 0 <= pos + k - r < length]
+                assert (f(4, pos, r, 0, 0), f(5, pos, r, size, length)) == (valid[0], valid[-1] + 1)
+
+
+# ---------------------------------------------------------------------------
+# spatial_attention cases.
+
+@dataclass
+class AttentionCase:
+    x: tuple[int, int, int, int]  # (B, C, H, W)
+    k: int = 7
+    dtype: torch.dtype = torch.float64
+    ties: bool = False  # small integers: channel maxima tie
+
+
+ATTENTION_CASES = {
+    "k7_f64": AttentionCase((2, 5, 9, 8), 7),
+    "k3_c1_f64": AttentionCase((1, 1, 6, 7), 3),
+    "k7_ties_f32": AttentionCase((2, 6, 5, 7), 7, torch.float32, ties=True),
+    "k3_ties_f64": AttentionCase((1, 4, 4, 3), 3, ties=True),
+    "k7_map_smaller_than_window_f32": AttentionCase((2, 3, 3, 2), 7, torch.float32),
+    "k7_many_channels_pixels_f32": AttentionCase((1, 19, 13, 11), 7, torch.float32),
+    "k3_1x1_map_f64": AttentionCase((1, 3, 1, 1), 3),
+    "k7_f16": AttentionCase((2, 4, 8, 9), 7, torch.float16),
+    "k3_bf16": AttentionCase((1, 6, 5, 7), 3, torch.bfloat16),
+    "k7_batch0_f32": AttentionCase((0, 3, 4, 4), 7, torch.float32),
+}
+
+
+def run_attention_case(emu: Emulated, case: AttentionCase, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    if case.ties:
+        x = torch.randint(-2, 3, case.x, generator=g).to(case.dtype)
+    else:
+        x = torch.randn(case.x, generator=g, dtype=torch.float64).to(case.dtype)
+    weight = (torch.randn(1, 2, case.k, case.k, generator=g, dtype=torch.float64) * 0.3).to(case.dtype)
+    grad_output = torch.randn(case.x, generator=g, dtype=torch.float64).to(case.dtype)
+    emu.lib.emu_reset(seed)
+    out64, gx64, gw64 = reference_sa(x, weight, grad_output)
+    assert_close(emulated_sa_forward(emu, x, weight), out64, case.dtype, "forward")
+    gx, gw = emulated_sa_backward(emu, grad_output, x, weight)
+    assert_close(gx, gx64, case.dtype, "grad_x")
+    assert_close(gw, gw64, case.dtype, "grad_weight")
+
+
+@pytest.mark.parametrize("build", ["real", "small"])
+@pytest.mark.parametrize("name", list(ATTENTION_CASES))
+def test_spatial_attention_matches_reference(emulated, name, build):
+    run_attention_case(emulated[build], ATTENTION_CASES[name], seed=zlib.crc32(name.encode()))

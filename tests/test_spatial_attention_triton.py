@@ -1,0 +1,340 @@
+"""Triton kernels of spatial_attention, run on CPU tensors in Triton's interpreter
+against the reference (medmtl.ops.reference.spatial_attention under autograd), and
+compiled ahead of time for sm_80 and sm_90 (no GPU needed).
+
+TRITON_INTERPRET=1 must be set before triton is imported, hence at the top.
+The interpreter is slow: shapes are tiny.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # also set by tests/conftest.py
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytest.importorskip("triton", reason="the triton backend needs triton (pip install 'medmtl[triton]')")
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+import medmtl.ops  # noqa: E402
+from medmtl.kernels import spatial_attention as kernels  # noqa: E402
+from medmtl.ops import reference  # noqa: E402
+
+if not isinstance(kernels.spatial_attention_pool_kernel, InterpretedFunction):
+    pytest.skip("these tests run the Triton kernels on CPU tensors in Triton's interpreter, and "
+                "TRITON_INTERPRET=0 was set; run them with TRITON_INTERPRET=1", allow_module_level=True)
+
+TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-4, rtol=1e-4)}
+
+
+def _inputs(shape, k, dtype, seed):
+    """x of `shape` and a (1, 2, k, k) weight, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(1, 2, k, k, generator=g, dtype=torch.float64) / k).to(dtype)
+    return x, weight
+
+
+def _reference(x, weight, grad_output, dtype=None):
+    """Reference output and gradients (x, weight), in `dtype` (default: x's)."""
+    dtype = dtype or x.dtype
+    xr = x.detach().to(dtype).requires_grad_()
+    wr = weight.detach().to(dtype).requires_grad_()
+    out = reference.spatial_attention(xr, wr)
+    out.backward(grad_output.to(dtype))
+    return out.detach(), xr.grad, wr.grad
+
+
+def _check_launchers(x, weight, seed=1):
+    """Runs the forward and backward launchers and compares all results with the reference."""
+    tol = TOL[x.dtype]
+    out = kernels.spatial_attention_forward(x, weight)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    grad_output = torch.randn(out.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(seed))
+    ref_out, ref_gx, ref_gw = _reference(x, weight, grad_output)
+    torch.testing.assert_close(out, ref_out, **tol)
+    gx, gw = kernels.spatial_attention_backward(grad_output, x, weight)
+    assert gx.shape == x.shape and gw.shape == weight.shape
+    torch.testing.assert_close(gx, ref_gx, **tol)
+    torch.testing.assert_close(gw, ref_gw, **tol)
+    return out, (gx, gw)
+
+
+# --------------------------------------------------------------------------
+# The launchers, called directly
+
+
+# (B, C, H, W), K: odd sizes, K = 7 and 3, a 7x7 kernel on maps smaller than it (1x1, 5x7,
+# 2x3), C = 1 (mean = max = x), batch 1.
+@pytest.mark.parametrize(("shape", "k"), [
+    ((2, 3, 5, 7), 7), ((2, 3, 5, 7), 3), ((1, 1, 1, 1), 7), ((2, 1, 4, 6), 3), ((1, 4, 2, 3), 7),
+], ids=["2x3x5x7-k7", "2x3x5x7-k3", "1x1x1x1-k7", "C1-k3", "batch1-k7"])
+def test_launchers_match_reference_float64(shape, k):
+    x, weight = _inputs(shape, k, torch.float64, seed=sum(shape) + k)
+    _check_launchers(x, weight)
+
+
+def test_launchers_float32():
+    x, weight = _inputs((2, 5, 6, 3), 3, torch.float32, seed=2)
+    _check_launchers(x, weight)
+
+
+def test_several_pixel_blocks():
+    """17 x 19 = 323 pixels: two blocks of 256 in every per-pixel kernel (a 7x7 window
+    crosses the block boundary), and several weight-gradient partials."""
+    x, weight = _inputs((1, 2, 17, 19), 7, torch.float64, seed=3)
+    _check_launchers(x, weight)
+
+
+def test_channel_max_ties_take_the_first_channel():
+    """Integer-valued inputs: ties in the channel max at most pixels; torch.max's gradient
+    goes to the first maximal channel, and so must the kernels'."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(-1, 2, (2, 4, 5, 7), generator=g).double()
+    x[0, :, 0, 0] = 1.0                       # all four channels tie
+    x[1, :, 2, 3] = torch.tensor([0.0, 1.0, 1.0, 1.0])   # channels 1, 2, 3 tie
+    x[1, :, 2, 2] = torch.tensor([1.0, 2.0, 0.0, 1.0])   # a nonzero gradient of the gate there
+    weight = torch.randn(1, 2, 3, 3, generator=g, dtype=torch.float64)
+    _, (gx, _) = _check_launchers(x, weight)
+    # grad_output nonzero at pixel (2, 2) only: at its neighbour (2, 3) only the pooled map's
+    # gradient reaches x, and the max share lands on channel 1 only
+    grad_output = torch.zeros_like(x)
+    grad_output[1, :, 2, 2] = 1.0
+    gx, _ = kernels.spatial_attention_backward(grad_output, x, weight)
+    _, ref_gx, _ = _reference(x, weight, grad_output)
+    torch.testing.assert_close(gx, ref_gx, **TOL[torch.float64])
+    shares = gx[1, :, 2, 3] - gx[1, 0, 2, 3]   # the mean's share is the same on every channel
+    assert shares[1] != 0 and shares[2] == 0 and shares[3] == 0
+
+
+def test_backward_is_deterministic():
+    x, weight = _inputs((2, 3, 5, 7), 3, torch.float32, seed=5)
+    grad_output = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
+    first = kernels.spatial_attention_backward(grad_output, x, weight)
+    second = kernels.spatial_attention_backward(grad_output, x, weight)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_launchers_half_precision(dtype):
+    """Low-precision inputs compute in float32: matches the float32 reference on the same
+    (rounded) values up to the final rounding."""
+    x, weight = _inputs((2, 3, 5, 7), 3, dtype, seed=7)
+    out = kernels.spatial_attention_forward(x, weight)
+    assert out.dtype == dtype
+    grad_output = torch.randn(x.shape, generator=torch.Generator().manual_seed(8)).to(dtype)
+    ref_out, ref_gx, ref_gw = _reference(x, weight, grad_output, dtype=torch.float32)
+    tol = dict(atol=2e-3, rtol=2e-3) if dtype == torch.float16 else dict(atol=1.6e-2, rtol=1.6e-2)
+    torch.testing.assert_close(out.float(), ref_out, **tol)
+    gx, gw = kernels.spatial_attention_backward(grad_output, x, weight)
+    assert gx.dtype == gw.dtype == dtype
+    torch.testing.assert_close(gx.float(), ref_gx, **tol)
+    torch.testing.assert_close(gw.float(), ref_gw, **tol)
+
+
+# --------------------------------------------------------------------------
+# The registered op (torch.library custom op with autograd) and the backend switch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_registered_op_autograd(dtype):
+    x, weight = _inputs((2, 3, 5, 7), 7, dtype, seed=20)
+    xs, ws = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = torch.ops.medmtl.spatial_attention_triton(xs, ws)
+    grad_output = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(21))
+    out.backward(grad_output)
+    ref_out, ref_gx, ref_gw = _reference(x, weight, grad_output)
+    torch.testing.assert_close(out.detach(), ref_out, **TOL[dtype])
+    torch.testing.assert_close(xs.grad, ref_gx, **TOL[dtype])
+    torch.testing.assert_close(ws.grad, ref_gw, **TOL[dtype])
+
+
+def test_registered_op_opcheck():
+    x, weight = _inputs((1, 2, 3, 4), 3, torch.float64, seed=22)
+    torch.library.opcheck(torch.ops.medmtl.spatial_attention_triton.default,
+                          (x.requires_grad_(), weight.requires_grad_()))
+
+
+def test_torch_compile_fullgraph_with_triton_backend():
+    """The triton op traces into a compiled graph without breaks, forward and backward."""
+    x, weight = _inputs((1, 3, 4, 5), 3, torch.float32, seed=23)
+
+    def head(x, weight):
+        return medmtl.ops.spatial_attention(x, weight).square().sum()
+
+    results = {}
+    for backend in ("reference", "triton"):
+        inputs = [x.clone().requires_grad_(), weight.clone().requires_grad_()]
+        with medmtl.ops.backend(backend):
+            fn = torch.compile(head, fullgraph=True, backend="aot_eager") if backend == "triton" else head
+            out = fn(*inputs)
+        results[backend] = (out, torch.autograd.grad(out, inputs))
+    torch.testing.assert_close(results["triton"][0], results["reference"][0], **TOL[torch.float32])
+    for got, expected in zip(results["triton"][1], results["reference"][1]):
+        torch.testing.assert_close(got, expected, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("layout", ["permuted", "channels_last"])
+def test_backend_triton_noncontiguous_and_channels_last(layout, monkeypatch):
+    """medmtl.ops.spatial_attention under backend("triton") with a non-contiguous (permuted)
+    or channels-last x and a non-contiguous weight; checks that the Triton launchers ran."""
+    calls = []
+    for name in ("spatial_attention_forward", "spatial_attention_backward"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    g = torch.Generator().manual_seed(24)
+    if layout == "permuted":
+        x = torch.randn(2, 7, 5, 3, generator=g, dtype=torch.float64).permute(0, 3, 2, 1)     # (2, 3, 5, 7)
+    else:
+        x = torch.randn(2, 3, 5, 7, generator=g, dtype=torch.float64).to(memory_format=torch.channels_last)
+    weight = torch.randn(1, 2, 3, 3, generator=g, dtype=torch.float64).transpose(2, 3)
+    assert not x.is_contiguous() and not weight.is_contiguous()
+    xs, ws = x.detach().requires_grad_(), weight.detach().requires_grad_()   # same strides, own .grad
+    with medmtl.ops.backend("triton"):
+        out = medmtl.ops.spatial_attention(xs, ws)
+    grad_output = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    out.backward(grad_output)
+    assert calls == ["spatial_attention_forward", "spatial_attention_backward"]
+
+    ref_x, ref_w = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    ref_out = reference.spatial_attention(ref_x, ref_w)
+    ref_out.backward(grad_output)
+    torch.testing.assert_close(out.detach(), ref_out.detach(), **TOL[torch.float64])
+    torch.testing.assert_close(xs.grad, ref_x.grad, **TOL[torch.float64])
+    torch.testing.assert_close(ws.grad, ref_w.grad, **TOL[torch.float64])
+
+
+# --------------------------------------------------------------------------
+# Ahead-of-time compilation for sm_80 and sm_90
+
+
+def _torch_to_triton(dtype):
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+            torch.float64: "fp64", torch.int32: "i32"}[dtype]
+
+
+def test_aot_list_covers_every_launch_configuration(monkeypatch):
+    """Records each kernel launch of the launchers (kernel, constexprs, pointer dtypes)
+    over every dtype, and checks aot_kernels() lists it."""
+    entries = kernels.aot_kernels()
+    launched = set()
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **constexprs):
+                pointers = tuple(sorted((name, "*" + _torch_to_triton(a.dtype))
+                                        for name, a in zip(self.fn.arg_names, args) if isinstance(a, torch.Tensor)))
+                launched.add((self.fn.__name__, tuple(sorted(constexprs.items(), key=str)), pointers))
+                return self.fn[grid](*args, **constexprs)
+            return launch
+
+    for name in ("spatial_attention_pool_kernel", "spatial_attention_gate_kernel", "spatial_attention_apply_kernel",
+                 "spatial_attention_backward_gate_kernel", "spatial_attention_backward_conv_kernel",
+                 "spatial_attention_backward_input_kernel"):
+        monkeypatch.setattr(kernels, name, Recorder(getattr(kernels, name)))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        x, weight = _inputs((1, 2, 2, 3), 3, dtype, seed=0)
+        kernels.spatial_attention_forward(x, weight)
+        kernels.spatial_attention_backward(torch.ones_like(x), x, weight)
+
+    listed = set()
+    for _, fn, signature, constexprs in entries:
+        pointers = tuple(sorted((k, v) for k, v in signature.items() if v.startswith("*")))
+        listed.add((fn.__name__, tuple(sorted(constexprs.items(), key=str)), pointers))
+    assert len(listed) == len(entries), "aot_kernels() has duplicate configurations"
+    missing = launched - listed
+    assert not missing, f"launch configurations missing from aot_kernels(): {sorted(missing, key=str)}"
+    unused = listed - launched
+    assert not unused, f"aot_kernels() lists configurations no launch used: {sorted(unused, key=str)}"
+
+
+_AOT_SCRIPT = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+from medmtl.kernels import spatial_attention as module
+
+cc = int(sys.argv[2])
+kernels = sorted(n for n, v in vars(module).items() if isinstance(v, JITFunction) and not n.startswith("_"))
+results = []
+for name, fn, signature, constexprs in module.aot_kernels():
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", cc, 32))
+    results.append(dict(name=name, kernel=fn.__name__, shared=compiled.metadata.shared,
+                        cubin=len(compiled.asm.get("cubin", b""))))
+# At launch, the JIT turns int arguments equal to 1 into constexprs (C = 1, H = 1, a
+# single block, store_arg = 1, ...): compile each kernel once with all of them so.
+specialised = []
+for name, fn, signature, constexprs in module.aot_kernels():
+    if fn.__name__ in specialised or "_fp32" not in name:
+        continue
+    ones = [arg for arg, ty in signature.items() if ty == "i32"]
+    compiled = triton.compile(ASTSource(fn=fn, signature={**signature, **{a: "constexpr" for a in ones}},
+                                        constexprs={**constexprs, **{a: 1 for a in ones}}),
+                              target=GPUTarget("cuda", cc, 32))
+    assert compiled.asm["cubin"], name
+    specialised.append(fn.__name__)
+print(json.dumps(dict(kernels=kernels, results=results, specialised=specialised)))
+"""
+
+# Shared memory per block (opt-in maximum) of each target.
+_SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+_AOT_TEST = "test_aot_compile_sm80_sm90"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def aot_compilers(request, tmp_path_factory):
+    """The compilers of test_aot_compile_sm80_sm90: one subprocess per target, without
+    TRITON_INTERPRET (under it @triton.jit makes interpreted functions) and with a fresh
+    cache each. They start with the module's first test when that test is selected, so
+    they run while the interpreter tests do; the test waits for them. Killed at the
+    module's end if still running."""
+    selected = any(getattr(item, "module", None) is request.module and item.originalname == _AOT_TEST
+                   for item in request.session.items)
+    if not selected:
+        yield None
+        return
+    tmp_path = tmp_path_factory.mktemp("aot_spatial_attention")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = {}
+    for cc in _SHARED_LIMIT:
+        env_cc = dict(env, TRITON_CACHE_DIR=str(tmp_path / f"cache_sm{cc}"))
+        procs[cc] = subprocess.Popen([sys.executable, "-c", _AOT_SCRIPT, str(ROOT), str(cc)], cwd=tmp_path,
+                                     env=env_cc, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_aot_compile_sm80_sm90(aot_compilers):
+    """Every entry of aot_kernels() compiles to a cubin for sm_80 and sm_90 and fits the
+    shared memory; aot_kernels() names every public kernel of the module; each kernel
+    also compiles with its int arguments specialised to 1, as the JIT does."""
+    names = [e[0] for e in kernels.aot_kernels()]
+    assert len(names) == len(set(names)), "aot_kernels() names must be unique"
+    for cc, proc in aot_compilers.items():
+        stdout, stderr = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"AOT compile for sm_{cc} failed:\n{stderr[-4000:]}"
+        report = json.loads(stdout.strip().splitlines()[-1])
+        assert [r["name"] for r in report["results"]] == names
+        assert {r["kernel"] for r in report["results"]} == set(report["kernels"]), "a kernel is not AOT-compiled"
+        assert sorted(report["specialised"]) == report["kernels"]
+        for r in report["results"]:
+            assert r["cubin"] > 0, f"{r['name']}: no cubin for sm_{cc}"
+            assert r["shared"] <= _SHARED_LIMIT[cc], f"{r['name']}: {r['shared']} B shared memory on sm_{cc}"

@@ -15,7 +15,8 @@ spatial_attention=True: y * sigmoid(attention(cat(mean_c y, max_c y))), attentio
 
 Eval mode folds the BatchNorms (and, for "sum", the 1x1 convolutions) into one
 multi-dilation convolution whose padding-only taps are skipped; train mode runs
-the dilated convolutions as one op and the BatchNorms as BatchNorm does (batch
+each branch's convolution through the op (a branch whose off-centre taps read
+only padding becomes a 1x1 GEMM) and the BatchNorms as BatchNorm does (batch
 statistics, running-statistic updates).
 """
 
@@ -98,11 +99,11 @@ class DilatedFeatureEnhancement(nn.Module):
     # -- train mode: the dilated convolutions as one op, BatchNorm as BatchNorm does
 
     def _branch_convolutions(self, x: torch.Tensor, with_pointwise: bool) -> list[torch.Tensor]:
-        """Each branch's raw convolution of x, from one multi_dilation_conv ("concat", no bias)."""
-        weights = [self._as_3x3(branch[0].weight) for branch in self.branches]
+        """Each branch's raw convolution of x through multi_dilation_conv (one call per
+        branch: each output feeds its own BatchNorm, so nothing is concatenated and split)."""
         dilations = ([0] if with_pointwise else []) + self.dilations
-        raw = multi_dilation_conv(x, torch.stack(weights), dilations, None, "concat")
-        return list(raw.split(self.out_channels, dim=1))
+        return [multi_dilation_conv(x, self._as_3x3(branch[0].weight)[None], [d], None, "sum")
+                for branch, d in zip(self.branches, dilations)]
 
     def _sum_train(self, x: torch.Tensor) -> torch.Tensor:
         raw = self._branch_convolutions(x, with_pointwise=False)

@@ -118,9 +118,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_dilation_conv_backward_cpu(
   check_multi_dilation_conv_backward_inputs(grad_output, output, shape, x_in);
   const at::Tensor x = x_in.contiguous();
   const int64_t B = shape.batch, H = shape.height, W = shape.width, cout = shape.out_channels;
-  // Gradient of the pre-activation: the ReLU passes it where the output > 0.
+  // Gradient of the pre-activation: torch.relu's backward zeroes it where the
+  // output <= 0 (and passes it at NaN).
   const at::Tensor grad_pre =
-      (relu ? grad_output * output.gt(0).to(grad_output.scalar_type()) : grad_output).contiguous();
+      (relu ? grad_output.masked_fill(output.le(0), 0) : grad_output).contiguous();
   const at::Tensor grad_bias = grad_pre.sum({0, 2, 3});
   at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
   const BranchPlan plan = plan_branches(dilations, H, W);

@@ -26,7 +26,7 @@
 // launches whole branches at a time, "sum" accumulates in an fp32 scratch
 // buffer across launches and finishes in the last one.
 // Backward:
-//  - grad_pre_bias_kernel: grad_pre = grad_output masked by output > 0 (only
+//  - grad_pre_bias_kernel: grad_pre = grad_output zeroed where output <= 0 (only
 //    with ReLU: stored, exactly, in the input dtype), and per-block partial sums
 //    of grad_pre per channel (grad_bias, reduced by the caller).
 //  - grad_x: the same conv kernel as a transposed convolution: the taps' shifts
@@ -237,7 +237,7 @@ __global__ void __launch_bounds__(kConvThreads) dilated_taps_conv_kernel(
 // ---------------------------------------------------------------------------
 // Backward.
 
-// grad_pre = grad_output where output > 0, else 0 (relu only; written to
+// grad_pre = grad_output, zeroed where output <= 0 (relu only; written to
 // grad_pre), and bias_partial[c * gridDim.x + blockIdx.x] = this block's sum of
 // grad_pre over channel c.
 template <typename scalar_t>
@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(kBiasThreads) grad_pre_bias_kernel(
       const int64_t index = (k / plane * channels + c) * plane + k % plane;
       acc_t g = to_acc(grad_output[index]);
       if (relu) {
-        if (!(to_acc(output[index]) > acc_t(0))) g = acc_t(0);
+        if (to_acc(output[index]) <= acc_t(0)) g = acc_t(0);  // torch.relu's rule: NaN passes
         grad_pre[index] = FromAcc<scalar_t>::cast(g);  // exact: g is grad_output's value or 0
       }
       sum += g;

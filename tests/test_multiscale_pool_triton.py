@@ -10,15 +10,11 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # also set by tests/conftest.py
 
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("triton", reason="the triton backend needs triton (pip install 'medmtl[triton]')")
 
@@ -27,6 +23,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 import medmtl.ops  # noqa: E402
 from medmtl.kernels import multiscale_pool as kernels  # noqa: E402
 from medmtl.ops import reference  # noqa: E402
+from tests import triton_aot  # noqa: E402
 
 if not isinstance(kernels.multiscale_pool_forward_kernel, InterpretedFunction):
     pytest.skip("these tests run the Triton kernels on CPU tensors in Triton's interpreter, and "
@@ -364,62 +361,6 @@ def test_aot_list_covers_every_launch_configuration(monkeypatch):
     assert not unused, f"aot_kernels() lists configurations no launch used: {sorted(unused, key=str)}"
 
 
-_AOT_SCRIPT = """
-import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
-from medmtl.kernels import multiscale_pool as module
-
-cc = int(sys.argv[2])
-kernels = sorted(n for n, v in vars(module).items() if isinstance(v, JITFunction) and not n.startswith("_"))
-results = []
-for name, fn, signature, constexprs in module.aot_kernels():
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", cc, 32))
-    results.append(dict(name=name, kernel=fn.__name__, shared=compiled.metadata.shared,
-                        cubin=len(compiled.asm.get("cubin", b""))))
-# At launch, the JIT turns int arguments equal to 1 into constexprs (D = S_D = 1 on
-# 2-D levels, relu = 1, ...): compile each kernel once with all of them so.
-specialised = []
-for name, fn, signature, constexprs in module.aot_kernels():
-    if fn.__name__ in specialised or "_fp32" not in name:
-        continue
-    ones = [arg for arg, ty in signature.items() if ty == "i32"]
-    compiled = triton.compile(ASTSource(fn=fn, signature={**signature, **{a: "constexpr" for a in ones}},
-                                        constexprs={**constexprs, **{a: 1 for a in ones}}),
-                              target=GPUTarget("cuda", cc, 32))
-    assert compiled.asm["cubin"], name
-    specialised.append(fn.__name__)
-print(json.dumps(dict(kernels=kernels, results=results, specialised=specialised)))
-"""
-
-# Shared memory per block (opt-in maximum) of each target.
-_SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-
-
 def test_aot_compile_sm80_sm90(tmp_path):
-    """Every entry of aot_kernels() compiles to a cubin for sm_80 and sm_90 and fits the
-    shared memory; aot_kernels() names every public kernel of the module; each kernel
-    also compiles with its int arguments specialised to 1, as the JIT does. The compiler
-    runs in subprocesses without TRITON_INTERPRET (under it @triton.jit makes interpreted
-    functions) and with a fresh cache, one per target, in parallel."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = {}
-    for cc in _SHARED_LIMIT:
-        env_cc = dict(env, TRITON_CACHE_DIR=str(tmp_path / f"cache_sm{cc}"))
-        procs[cc] = subprocess.Popen([sys.executable, "-c", _AOT_SCRIPT, str(ROOT), str(cc)], cwd=tmp_path,
-                                     env=env_cc, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    names = [e[0] for e in kernels.aot_kernels()]
-    assert len(names) == len(set(names)), "aot_kernels() names must be unique"
-    for cc, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=900)
-        assert proc.returncode == 0, f"AOT compile for sm_{cc} failed:\n{stderr[-4000:]}"
-        report = json.loads(stdout.strip().splitlines()[-1])
-        assert [r["name"] for r in report["results"]] == names
-        assert {r["kernel"] for r in report["results"]} == set(report["kernels"]), "a kernel is not AOT-compiled"
-        assert sorted(report["specialised"]) == report["kernels"]
-        for r in report["results"]:
-            assert r["cubin"] > 0, f"{r['name']}: no cubin for sm_{cc}"
-            assert r["shared"] <= _SHARED_LIMIT[cc], f"{r['name']}: {r['shared']} B shared memory on sm_{cc}"
+    """Every kernel configuration compiles for sm_80 and sm_90 within the shared memory."""
+    triton_aot.check(triton_aot.start("medmtl.kernels.multiscale_pool", tmp_path), kernels)

@@ -1,0 +1,88 @@
+"""Ahead-of-time compilation of a Triton kernel module for sm_80 and sm_90,
+shared by the tests of every Triton module (no GPU needed).
+
+The compiler runs in subprocesses, one per target, without TRITON_INTERPRET
+(under it @triton.jit makes interpreted functions) and each with a fresh
+cache. `start` launches them (a test module can start them early, so they run
+while its interpreter tests do); `check` waits and asserts that every entry of
+the module's aot_kernels() compiled to a cubin within the target's shared
+memory, that aot_kernels() covers every public kernel, and that every kernel
+also compiles with its int arguments specialised to 1, as the JIT does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Shared memory per block (opt-in maximum) of each target.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+_SCRIPT = """
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+module = importlib.import_module(sys.argv[1])
+cc = int(sys.argv[2])
+kernels = sorted(n for n, v in vars(module).items() if isinstance(v, JITFunction) and not n.startswith("_"))
+results = []
+for name, fn, signature, constexprs in module.aot_kernels():
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", cc, 32))
+    results.append(dict(name=name, kernel=fn.__name__, shared=compiled.metadata.shared,
+                        cubin=len(compiled.asm.get("cubin", b""))))
+# At launch, the JIT turns int arguments equal to 1 into constexprs (D = 1 on 2-D
+# levels, B = 1, relu = 1, ...): compile each kernel once with all of them so.
+specialised = []
+for name, fn, signature, constexprs in module.aot_kernels():
+    if fn.__name__ in specialised or "_fp32" not in name:
+        continue
+    ones = [arg for arg, ty in signature.items() if ty == "i32"]
+    compiled = triton.compile(ASTSource(fn=fn, signature={**signature, **{a: "constexpr" for a in ones}},
+                                        constexprs={**constexprs, **{a: 1 for a in ones}}),
+                              target=GPUTarget("cuda", cc, 32))
+    assert compiled.asm["cubin"], name
+    specialised.append(fn.__name__)
+print(json.dumps(dict(kernels=kernels, results=results, specialised=specialised)))
+"""
+
+
+def start(module_name: str, tmp_path: Path) -> dict[int, subprocess.Popen]:
+    """Starts one compiler subprocess per target for the Triton module `module_name`."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = {}
+    for cc in SHARED_LIMIT:
+        env_cc = dict(env, TRITON_CACHE_DIR=str(Path(tmp_path) / f"cache_sm{cc}"))
+        procs[cc] = subprocess.Popen([sys.executable, "-c", _SCRIPT, module_name, str(cc)], cwd=tmp_path,
+                                     env=env_cc, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return procs
+
+
+def check(procs: dict[int, subprocess.Popen], module) -> None:
+    """Waits for the compilers and asserts their results (see the module docstring)."""
+    names = [entry[0] for entry in module.aot_kernels()]
+    assert len(names) == len(set(names)), "aot_kernels() names must be unique"
+    for cc, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"AOT compile for sm_{cc} failed:\n{stderr[-4000:]}"
+        report = json.loads(stdout.strip().splitlines()[-1])
+        assert [r["name"] for r in report["results"]] == names
+        assert {r["kernel"] for r in report["results"]} == set(report["kernels"]), "a kernel is not AOT-compiled"
+        assert sorted(report["specialised"]) == report["kernels"]
+        for r in report["results"]:
+            assert r["cubin"] > 0, f"{r['name']}: no cubin for sm_{cc}"
+            assert r["shared"] <= SHARED_LIMIT[cc], f"{r['name']}: {r['shared']} B shared memory on sm_{cc}"
+
+
+def stop(procs: dict[int, subprocess.Popen]) -> None:
+    """Kills compilers still running (a module's end when its check did not run)."""
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()

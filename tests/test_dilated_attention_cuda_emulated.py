@@ -41,7 +41,7 @@ TESTS = Path(__file__).resolve().parent
 EMULATION = TESTS / "cuda_emulation"
 CSRC = TESTS.parent / "csrc"
 KERNELS = ("multi_dilation_conv_kernel", "spatial_attention_kernel")
-HEADERS = ("multiscale_pool_kernel.h",)  # included by the kernels' headers (acc_type)
+HEADERS = ("multiscale_pool_kernel.h", "device_conversions.cuh")  # included by the kernels (acc_type, to_acc)
 CUDA_HEADERS = ("cuda_runtime_api.h", "cuda_fp16.h", "cuda_bf16.h")
 
 # The "small limits" build: per kernel file, constant -> value.

@@ -138,6 +138,8 @@ def prepare_sources(root: Path, small: bool) -> Path:
         h = set_constants(h, {k: v for k, (f, v) in SMALL_LIMITS.items() if f == "h"}, KERNEL_H)
     (root / "cuda" / KERNEL_CU.name).write_text(cu)
     (root / "cuda" / KERNEL_H.name).write_text(h)
+    for shared in (CSRC / "cuda").glob("*.cuh"):  # device helpers the kernels include
+        shutil.copy(shared, root / "cuda" / shared.name)
     return root / "cuda"
 
 

@@ -38,6 +38,7 @@
 //    operands in shared memory per step; each block writes its own partial
 //    (no atomics: deterministic), summed by the caller.
 #include "multi_dilation_conv_kernel.h"
+#include "device_conversions.cuh"
 
 #include <algorithm>
 #include <vector>
@@ -76,26 +77,6 @@ static_assert(kWeightThreads % kWarpSize == 0 && kWeightThreads <= 1024, "grad_w
 static_assert(kBiasThreads % kWarpSize == 0 && kBiasThreads <= 1024, "bias block size");
 static_assert(kMaxTapsPerLaunch >= 9, "a launch must take a whole branch");
 
-// ---------------------------------------------------------------------------
-// Conversions (explicit intrinsics: torch builds with __CUDA_NO_HALF_CONVERSIONS__).
-
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-
-template <typename scalar_t>
-struct FromAcc {
-  __device__ __forceinline__ static scalar_t cast(acc_type<scalar_t> v) { return v; }
-};
-template <>
-struct FromAcc<__half> {
-  __device__ __forceinline__ static __half cast(float v) { return __float2half_rn(v); }
-};
-template <>
-struct FromAcc<__nv_bfloat16> {
-  __device__ __forceinline__ static __nv_bfloat16 cast(float v) { return __float2bfloat16_rn(v); }
-};
 
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -14,6 +14,7 @@
 // and the scale, writes grad_x, and each block writes its partial sums of
 // grad_y * x and grad_y for its plane; the host sums those (no atomics).
 #include "multiscale_pool_kernel.h"
+#include "device_conversions.cuh"
 
 #include <algorithm>
 
@@ -31,26 +32,6 @@ constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kBackwardTargetBlocks = 2048;  // enough blocks to fill any current GPU
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// ---------------------------------------------------------------------------
-// Conversions (explicit intrinsics: torch builds with __CUDA_NO_HALF_CONVERSIONS__).
-
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-
-template <typename scalar_t>
-struct FromAcc {
-  __device__ __forceinline__ static scalar_t cast(acc_type<scalar_t> v) { return v; }
-};
-template <>
-struct FromAcc<__half> {
-  __device__ __forceinline__ static __half cast(float v) { return __float2half_rn(v); }
-};
-template <>
-struct FromAcc<__nv_bfloat16> {
-  __device__ __forceinline__ static __nv_bfloat16 cast(float v) { return __float2bfloat16_rn(v); }
-};
 
 template <typename scalar_t>
 __device__ __forceinline__ acc_type<scalar_t> param_or(const scalar_t* p, int64_t c,

@@ -24,6 +24,7 @@
 //     in the block; one partial per block, summed by the caller (no atomics:
 //     deterministic).
 #include "spatial_attention_kernel.h"
+#include "device_conversions.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -50,26 +51,6 @@ static_assert(kPoolPixels % kWarpSize == 0 && kPoolThreads <= 1024, "channel-poo
 static_assert(kPixelThreads % kWarpSize == 0 && kPixelThreads <= 1024, "pixel block size");
 static_assert(kWeightThreads % kWarpSize == 0 && kWeightThreads <= 1024, "grad_weight block size");
 
-// ---------------------------------------------------------------------------
-// Conversions (explicit intrinsics: torch builds with __CUDA_NO_HALF_CONVERSIONS__).
-
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-
-template <typename scalar_t>
-struct FromAcc {
-  __device__ __forceinline__ static scalar_t cast(acc_type<scalar_t> v) { return v; }
-};
-template <>
-struct FromAcc<__half> {
-  __device__ __forceinline__ static __half cast(float v) { return __float2half_rn(v); }
-};
-template <>
-struct FromAcc<__nv_bfloat16> {
-  __device__ __forceinline__ static __nv_bfloat16 cast(float v) { return __float2bfloat16_rn(v); }
-};
 
 __device__ __forceinline__ float sigmoid(float s) { return 1.0f / (1.0f + expf(-s)); }
 __device__ __forceinline__ double sigmoid(double s) { return 1.0 / (1.0 + exp(-s)); }

@@ -12,47 +12,10 @@
 
 #include "../multi_dilation_conv_checks.h"
 #include "multi_dilation_conv_kernel.h"
+#include "tensor_pointers.h"
 
 namespace medmtl {
 namespace {
-
-// The CUDA type of an ATen scalar type (same size and layout).
-template <typename scalar_t>
-struct CudaScalar {
-  using type = scalar_t;
-};
-template <>
-struct CudaScalar<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaScalar<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename scalar_t>
-using cuda_scalar_t = typename CudaScalar<scalar_t>::type;
-
-template <typename scalar_t>
-const cuda_scalar_t<scalar_t>* device_ptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<const cuda_scalar_t<scalar_t>*>(t.const_data_ptr<scalar_t>()) : nullptr;
-}
-
-template <typename scalar_t>
-cuda_scalar_t<scalar_t>* device_mutable_ptr(at::Tensor& t) {
-  return t.numel() > 0 ? reinterpret_cast<cuda_scalar_t<scalar_t>*>(t.mutable_data_ptr<scalar_t>()) : nullptr;
-}
-
-template <typename acc_t>
-acc_t* acc_ptr(at::Tensor& t) {
-  return t.numel() > 0 ? t.mutable_data_ptr<acc_t>() : nullptr;
-}
-
-// t (contiguous) in the memory format of `like`, as the fake kernels' empty_like gives.
-at::Tensor laid_out_like(const at::Tensor& t, const at::Tensor& like) {
-  if (like.is_contiguous()) return t;
-  return at::empty_like(like).copy_(t);
-}
 
 // The launchers' weight layout: (n, 3, 3, Cin, Cout) contiguous.
 at::Tensor packed_weight(const at::Tensor& weight) { return weight.permute({0, 3, 4, 2, 1}).contiguous(); }
@@ -102,7 +65,7 @@ at::Tensor multi_dilation_conv_cuda(const at::Tensor& x_in, const at::Tensor& we
     at::Tensor acc = at::empty({ws.forward_acc_elements}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     C10_CUDA_CHECK(cuda::launch_multi_dilation_conv_forward(
         dims, device_ptr<scalar_t>(x), device_ptr<scalar_t>(w), device_ptr<scalar_t>(b), relu,
-        device_mutable_ptr<scalar_t>(out), acc_ptr<acc_t>(acc), stream));
+        device_mutable_ptr<scalar_t>(out), scratch_ptr<acc_t>(acc), stream));
   });
   return out;
 }
@@ -136,8 +99,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_dilation_conv_backward_cuda
     at::Tensor grad_x_acc = at::empty({ws.grad_x_acc_elements}, acc_options);
     C10_CUDA_CHECK(cuda::launch_multi_dilation_conv_backward(
         dims, device_ptr<scalar_t>(grad_output), device_ptr<scalar_t>(x), device_ptr<scalar_t>(w),
-        device_ptr<scalar_t>(output), relu, device_mutable_ptr<scalar_t>(grad_x), acc_ptr<acc_t>(weight_partial),
-        acc_ptr<acc_t>(bias_partial), device_mutable_ptr<scalar_t>(grad_pre), acc_ptr<acc_t>(grad_x_acc), stream));
+        device_ptr<scalar_t>(output), relu, device_mutable_ptr<scalar_t>(grad_x), scratch_ptr<acc_t>(weight_partial),
+        scratch_ptr<acc_t>(bias_partial), device_mutable_ptr<scalar_t>(grad_pre), scratch_ptr<acc_t>(grad_x_acc), stream));
     // (n, 3, 3, Cout, Cin) -> (n, Cout, Cin, 3, 3).
     grad_weight = weight_partial.sum(0).view({n, 3, 3, cout, cin}).permute({0, 3, 4, 1, 2}).to(x.scalar_type());
     grad_bias = bias_partial.sum(1).to(x.scalar_type());

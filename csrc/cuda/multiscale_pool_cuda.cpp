@@ -12,36 +12,10 @@
 
 #include "../multiscale_pool_checks.h"
 #include "multiscale_pool_kernel.h"
+#include "tensor_pointers.h"
 
 namespace medmtl {
 namespace {
-
-// The CUDA type of an ATen scalar type (same size and layout).
-template <typename scalar_t>
-struct CudaScalar {
-  using type = scalar_t;
-};
-template <>
-struct CudaScalar<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaScalar<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename scalar_t>
-using cuda_scalar_t = typename CudaScalar<scalar_t>::type;
-
-template <typename scalar_t>
-const cuda_scalar_t<scalar_t>* device_ptr(const at::Tensor& t, int64_t offset = 0) {
-  return reinterpret_cast<const cuda_scalar_t<scalar_t>*>(t.const_data_ptr<scalar_t>()) + offset;
-}
-
-template <typename scalar_t>
-cuda_scalar_t<scalar_t>* device_mutable_ptr(at::Tensor& t) {
-  return reinterpret_cast<cuda_scalar_t<scalar_t>*>(t.mutable_data_ptr<scalar_t>());
-}
 
 bool is_channels_last(const at::Tensor& x) {
   if (x.is_contiguous()) return false;

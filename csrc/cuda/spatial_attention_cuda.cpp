@@ -13,47 +13,10 @@
 
 #include "../spatial_attention_checks.h"
 #include "spatial_attention_kernel.h"
+#include "tensor_pointers.h"
 
 namespace medmtl {
 namespace {
-
-// The CUDA type of an ATen scalar type (same size and layout).
-template <typename scalar_t>
-struct CudaScalar {
-  using type = scalar_t;
-};
-template <>
-struct CudaScalar<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaScalar<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename scalar_t>
-using cuda_scalar_t = typename CudaScalar<scalar_t>::type;
-
-template <typename scalar_t>
-const cuda_scalar_t<scalar_t>* device_ptr(const at::Tensor& t) {
-  return reinterpret_cast<const cuda_scalar_t<scalar_t>*>(t.const_data_ptr<scalar_t>());
-}
-
-template <typename scalar_t>
-cuda_scalar_t<scalar_t>* device_mutable_ptr(at::Tensor& t) {
-  return t.numel() > 0 ? reinterpret_cast<cuda_scalar_t<scalar_t>*>(t.mutable_data_ptr<scalar_t>()) : nullptr;
-}
-
-template <typename T>
-T* scratch_ptr(at::Tensor& t) {
-  return t.numel() > 0 ? t.mutable_data_ptr<T>() : nullptr;
-}
-
-// t (contiguous) in the memory format of `like`, as the fake kernels' empty_like gives.
-at::Tensor laid_out_like(const at::Tensor& t, const at::Tensor& like) {
-  if (like.is_contiguous()) return t;
-  return at::empty_like(like).copy_(t);
-}
 
 cuda::SpatialAttentionDims dims_of(const at::Tensor& x, const at::Tensor& weight) {
   cuda::SpatialAttentionDims dims;

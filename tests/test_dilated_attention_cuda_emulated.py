@@ -21,13 +21,8 @@ overwritten.
 from __future__ import annotations
 
 import ctypes
-import glob
-import os
-import re
 import shutil
-import site
 import subprocess
-import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +31,13 @@ import pytest
 import torch
 
 from medmtl.ops import reference
+from tests.cuda_emulation_build import find_cuda_include, rewrite_launches, set_constants
 
 TESTS = Path(__file__).resolve().parent
 EMULATION = TESTS / "cuda_emulation"
 CSRC = TESTS.parent / "csrc"
 KERNELS = ("multi_dilation_conv_kernel", "spatial_attention_kernel")
 HEADERS = ("multiscale_pool_kernel.h", "device_conversions.cuh")  # included by the kernels (acc_type, to_acc)
-CUDA_HEADERS = ("cuda_runtime_api.h", "cuda_fp16.h", "cuda_bf16.h")
 
 # The "small limits" build: per kernel file, constant -> value.
 SMALL_LIMITS = {
@@ -74,57 +69,6 @@ SENTINEL = -12288.0  # initial value of the outputs (exact in every dtype)
 # ---------------------------------------------------------------------------
 # Source preparation and build.
 
-LAUNCH = re.compile(r"(?P<kernel>[A-Za-z_]\w*(?:\s*<[^<>;(){}]*>)?)\s*<<<(?P<config>[^;]*?)>>>\s*\(")
-
-
-def rewrite_launches(source: str, path: Path) -> str:
-    """`kernel<<<config>>>(` -> `::emu::launch("kernel", kernel, config)(`, every one of them."""
-    expected = source.count("<<<")
-
-    def launch(m: re.Match) -> str:
-        kernel = " ".join(m["kernel"].split())
-        return f'::emu::launch("{kernel}", {kernel}, {" ".join(m["config"].split())})('
-
-    rewritten, count = LAUNCH.subn(launch, source)
-    if count == 0 or count != expected or "<<<" in rewritten or ">>>" in rewritten:
-        raise AssertionError(f"{path}: rewrote {count} kernel launches but the source has {expected} `<<<`; "
-                             "update LAUNCH in this test to the launch syntax the kernels use")
-    return rewritten
-
-
-def set_constants(source: str, values: dict[str, int], path: Path) -> str:
-    for name, value in values.items():
-        pattern = re.compile(rf"(\bconstexpr\s+[\w:]+\s+{name}\s*=\s*)[^;]+;")
-        source, count = pattern.subn(rf"\g<1>{value};", source)
-        if count != 1:
-            raise AssertionError(f"{path}: `constexpr ... {name} = ...;` matched {count} times, not once")
-    return source
-
-
-def find_cuda_include(cxx: str) -> tuple[Path | None, str]:
-    """The first include dir with usable CUDA headers, or None and why not."""
-    candidates = [Path(os.environ[v]) / "include" for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
-    candidates += [Path(p) for p in sorted(glob.glob("/usr/local/cuda*/include"))]
-    dirs = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    try:
-        dirs.update(site.getsitepackages())
-    except AttributeError:  # some virtualenvs
-        pass
-    for sp in map(Path, sorted(dirs)):
-        candidates += sorted(sp.glob("nvidia/cu*/include")) + sorted(sp.glob("nvidia/cuda_runtime/include"))
-    probe = "".join(f"#include <{h}>\n" for h in CUDA_HEADERS)
-    problems = []
-    for inc in dict.fromkeys(candidates):
-        if not all((inc / h).is_file() for h in CUDA_HEADERS):
-            continue
-        r = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-x", "c++", "-I", str(inc), "-"],
-                           input=probe, capture_output=True, text=True)
-        if r.returncode == 0:
-            return inc, ""
-        errors = [line for line in r.stderr.splitlines() if "error" in line] or ["does not compile"]
-        problems.append(f"{inc}: {errors[0]}")
-    where = "; ".join(problems) if problems else "none in CUDA_HOME, /usr/local/cuda*, site-packages/nvidia"
-    return None, f"no usable CUDA headers ({', '.join(CUDA_HEADERS)}): {where}"
 
 
 def prepare_sources(root: Path, small: bool) -> Path:

@@ -10,7 +10,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # also set by tests/conftest.py
 
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

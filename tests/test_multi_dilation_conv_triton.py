@@ -272,32 +272,16 @@ def test_backend_triton_noncontiguous_and_channels_last(combine, layout, monkeyp
 # Ahead-of-time compilation for sm_80 and sm_90
 
 
-def _torch_to_triton(dtype):
-    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
-            torch.float64: "fp64", torch.int32: "i32"}[dtype]
 
 
 def test_aot_list_covers_every_launch_configuration(monkeypatch):
     """Records each kernel launch of the launchers (kernel, constexprs, pointer dtypes)
     over every dtype, combine and TF32 setting, and checks aot_kernels() lists it."""
-    entries = kernels.aot_kernels()
-    launched = set()
-
-    class Recorder:
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __getitem__(self, grid):
-            def launch(*args, **constexprs):
-                pointers = tuple(sorted((name, "*" + _torch_to_triton(a.dtype))
-                                        for name, a in zip(self.fn.arg_names, args) if isinstance(a, torch.Tensor)))
-                launched.add((self.fn.__name__, tuple(sorted(constexprs.items(), key=str)), pointers))
-                return self.fn[grid](*args, **constexprs)
-            return launch
-
-    for name in ("multi_dilation_conv_forward_kernel", "multi_dilation_conv_backward_prep_kernel",
-                 "multi_dilation_conv_backward_input_kernel", "multi_dilation_conv_backward_weight_kernel"):
-        monkeypatch.setattr(kernels, name, Recorder(getattr(kernels, name)))
+    launched = triton_aot.record_launches(monkeypatch, kernels, [
+        "multi_dilation_conv_forward_kernel",
+        "multi_dilation_conv_backward_prep_kernel",
+        "multi_dilation_conv_backward_input_kernel",
+        "multi_dilation_conv_backward_weight_kernel"])
     cases = [(torch.float16, True, "sum"), (torch.bfloat16, True, "concat"), (torch.float32, True, "sum"),
              (torch.float32, False, "concat"), (torch.float64, True, "sum")]
     for dtype, tf32, combine in cases:
@@ -305,34 +289,13 @@ def test_aot_list_covers_every_launch_configuration(monkeypatch):
         x, weight, bias = _inputs(1, 2, 2, 3, 3, [1, 0], combine, dtype, seed=0)
         out = kernels.multi_dilation_conv_forward(x, weight, [1, 0], bias, combine, True)
         kernels.multi_dilation_conv_backward(torch.ones_like(out), x, weight, [1, 0], out, combine, True)
-
-    listed = set()
-    for _, fn, signature, constexprs in entries:
-        pointers = tuple(sorted((k, v) for k, v in signature.items() if v.startswith("*")))
-        listed.add((fn.__name__, tuple(sorted(constexprs.items(), key=str)), pointers))
-    assert len(listed) == len(entries), "aot_kernels() has duplicate configurations"
-    missing = launched - listed
-    assert not missing, f"launch configurations missing from aot_kernels(): {sorted(missing, key=str)}"
-    unused = listed - launched
-    assert not unused, f"aot_kernels() lists configurations no launch used: {sorted(unused, key=str)}"
-
-
-_AOT_TEST = "test_aot_compile_sm80_sm90"
+    triton_aot.check_covers(kernels, launched)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def aot_compilers(request, tmp_path_factory):
-    """The compilers of test_aot_compile_sm80_sm90 (tests/triton_aot.py), started with the
-    module's first test when that test is selected, so they run while the interpreter
-    tests do; killed at the module's end if still running."""
-    selected = any(getattr(item, "module", None) is request.module and item.originalname == _AOT_TEST
-                   for item in request.session.items)
-    if not selected:
-        yield None
-        return
-    procs = triton_aot.start("medmtl.kernels.multi_dilation_conv", tmp_path_factory.mktemp("aot_multi_dilation_conv"))
-    yield procs
-    triton_aot.stop(procs)
+    """The compilers of test_aot_compile_sm80_sm90, started early (tests/triton_aot.py)."""
+    yield from triton_aot.early_compilers(request, tmp_path_factory, "medmtl.kernels.multi_dilation_conv")
 
 
 def test_aot_compile_sm80_sm90(aot_compilers):

@@ -314,32 +314,15 @@ def test_backend_triton_noncontiguous_and_channels_last(dims, mode, monkeypatch)
 # Ahead-of-time compilation for sm_80 and sm_90
 
 
-def _torch_to_triton(dtype):
-    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
-            torch.float64: "fp64", torch.int32: "i32"}[dtype]
 
 
 def test_aot_list_covers_every_launch_configuration(monkeypatch):
     """Records each kernel launch of the launchers (kernel, constexprs, pointer dtypes)
     over every dtype, mode, and forward tile, and checks aot_kernels() lists it."""
-    entries = kernels.aot_kernels()
-    launched = set()
-
-    class Recorder:
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __getitem__(self, grid):
-            def launch(*args, **constexprs):
-                pointers = tuple(sorted((name, "*" + _torch_to_triton(a.dtype))
-                                        for name, a in zip(self.fn.arg_names, args) if isinstance(a, torch.Tensor)))
-                launched.add((self.fn.__name__, tuple(sorted(constexprs.items(), key=str)), pointers))
-                return self.fn[grid](*args, **constexprs)
-            return launch
-
-    for name in ("multiscale_pool_forward_kernel", "multiscale_pool_backward_gather_kernel",
-                 "multiscale_pool_backward_finish_kernel"):
-        monkeypatch.setattr(kernels, name, Recorder(getattr(kernels, name)))
+    launched = triton_aot.record_launches(monkeypatch, kernels, [
+        "multiscale_pool_forward_kernel",
+        "multiscale_pool_backward_gather_kernel",
+        "multiscale_pool_backward_finish_kernel"])
     # Bins of at most 2, 12, 35, 225 and 289 elements reach every forward BLOCK_K.
     cases = [([(1, 1, 7, 5)], [9, 2, 1]), ([(1, 1, 15, 15)], [1]), ([(1, 1, 17, 17)], [1])]
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -348,16 +331,7 @@ def test_aot_list_covers_every_launch_configuration(monkeypatch):
                 features, scale, shift = _inputs(shapes, dtype, seed=0)
                 out = kernels.multiscale_pool_forward(features, sizes, mode, scale, shift, True)
                 kernels.multiscale_pool_backward(torch.ones_like(out), features, sizes, mode, None, None, False)
-
-    listed = set()
-    for _, fn, signature, constexprs in entries:
-        pointers = tuple(sorted((k, v) for k, v in signature.items() if v.startswith("*")))
-        listed.add((fn.__name__, tuple(sorted(constexprs.items(), key=str)), pointers))
-    assert len(listed) == len(entries), "aot_kernels() has duplicate configurations"
-    missing = launched - listed
-    assert not missing, f"launch configurations missing from aot_kernels(): {sorted(missing, key=str)}"
-    unused = listed - launched
-    assert not unused, f"aot_kernels() lists configurations no launch used: {sorted(unused, key=str)}"
+    triton_aot.check_covers(kernels, launched)
 
 
 def test_aot_compile_sm80_sm90(tmp_path):

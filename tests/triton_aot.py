@@ -86,3 +86,60 @@ def stop(procs: dict[int, subprocess.Popen]) -> None:
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+_TRITON_TYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64", "int32": "i32"}
+
+
+def record_launches(monkeypatch, module, kernel_names) -> set:
+    """Wraps the module's kernels so that every launch adds (kernel, constexprs, pointer
+    dtypes) to the returned set; run the launchers afterwards to fill it."""
+    import torch
+
+    launched: set = set()
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **constexprs):
+                pointers = tuple(sorted((name, "*" + _TRITON_TYPE[str(a.dtype).removeprefix("torch.")])
+                                        for name, a in zip(self.fn.arg_names, args) if isinstance(a, torch.Tensor)))
+                launched.add((self.fn.__name__, tuple(sorted(constexprs.items(), key=str)), pointers))
+                return self.fn[grid](*args, **constexprs)
+            return launch
+
+    for name in kernel_names:
+        monkeypatch.setattr(module, name, Recorder(getattr(module, name)))
+    return launched
+
+
+def check_covers(module, launched: set) -> None:
+    """aot_kernels() lists exactly the launch configurations recorded, once each."""
+    entries = module.aot_kernels()
+    listed = set()
+    for _, fn, signature, constexprs in entries:
+        fn = getattr(fn, "fn", fn)  # a kernel record_launches wrapped
+        pointers = tuple(sorted((k, v) for k, v in signature.items() if v.startswith("*")))
+        listed.add((fn.__name__, tuple(sorted(constexprs.items(), key=str)), pointers))
+    assert len(listed) == len(entries), "aot_kernels() has duplicate configurations"
+    missing = launched - listed
+    assert not missing, f"launch configurations missing from aot_kernels(): {sorted(missing, key=str)}"
+    unused = listed - launched
+    assert not unused, f"aot_kernels() lists configurations no launch used: {sorted(unused, key=str)}"
+
+
+def early_compilers(request, tmp_path_factory, module_name: str, test_name: str = "test_aot_compile_sm80_sm90"):
+    """Body of a module-scoped autouse fixture: starts the compilers with the test
+    module's first test when `test_name` is selected (so they run while the
+    interpreter tests do), yields them (None when not selected), and kills them
+    at the module's end if still running."""
+    selected = any(getattr(item, "module", None) is request.module and item.originalname == test_name
+                   for item in request.session.items)
+    if not selected:
+        yield None
+        return
+    procs = start(module_name, tmp_path_factory.mktemp("aot_" + module_name.rsplit(".", 1)[-1]))
+    yield procs
+    stop(procs)

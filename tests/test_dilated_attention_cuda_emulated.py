@@ -37,7 +37,7 @@ TESTS = Path(__file__).resolve().parent
 EMULATION = TESTS / "cuda_emulation"
 CSRC = TESTS.parent / "csrc"
 KERNELS = ("multi_dilation_conv_kernel", "spatial_attention_kernel")
-HEADERS = ("multiscale_pool_kernel.h", "device_conversions.cuh")  # included by the kernels (acc_type, to_acc)
+HEADERS = ("multiscale_pool_kernel.h", "device_common.cuh")  # included by the kernels (acc_type, to_acc)
 
 # The "small limits" build: per kernel file, constant -> value.
 SMALL_LIMITS = {

@@ -38,7 +38,7 @@
 //    operands in shared memory per step; each block writes its own partial
 //    (no atomics: deterministic), summed by the caller.
 #include "multi_dilation_conv_kernel.h"
-#include "device_conversions.cuh"
+#include "device_common.cuh"
 
 #include <algorithm>
 #include <vector>
@@ -50,7 +50,6 @@ namespace cuda {
 namespace multi_dilation_conv_detail {
 namespace {
 
-constexpr int kWarpSize = 32;
 // Convolution blocks (forward, grad_x): a kTileH x kTileW pixel tile, kOutTile
 // output channels, kRedChunk reduced channels staged per step.
 constexpr int kTileH = 16;
@@ -70,7 +69,6 @@ constexpr int kMaxTapsPerLaunch = 72;
 constexpr int64_t kMaxGridX = 2147483647;  // 2^31 - 1
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kTargetBlocks = 2048;  // enough blocks to fill any current GPU
-constexpr unsigned kFullMask = 0xffffffffu;
 
 static_assert(kConvThreads % kWarpSize == 0 && kConvThreads <= 1024, "conv block size");
 static_assert(kWeightThreads % kWarpSize == 0 && kWeightThreads <= 1024, "grad_weight block size");
@@ -86,23 +84,6 @@ __device__ __forceinline__ bool reads_inside(int64_t pos, int64_t shift, int64_t
   return core::tap_output_begin(shift, length) <= pos && pos < core::tap_output_end(shift, length);
 }
 
-// Sum over the block (blockDim.x a multiple of 32; every thread calls it);
-// the result is valid in thread 0.
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t v) {
-  __shared__ acc_t partial[kWarpSize];
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  const int warps = blockDim.x / kWarpSize;
-  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) v += __shfl_down_sync(kFullMask, v, offset);
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < warps ? partial[lane] : acc_t(0);
-    for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) v += __shfl_down_sync(kFullMask, v, offset);
-  }
-  __syncthreads();  // `partial` may be reused by the next call
-  return v;
-}
 
 // ---------------------------------------------------------------------------
 // Tap lists.

@@ -14,7 +14,7 @@
 // and the scale, writes grad_x, and each block writes its partial sums of
 // grad_y * x and grad_y for its plane; the host sums those (no atomics).
 #include "multiscale_pool_kernel.h"
-#include "device_conversions.cuh"
+#include "device_common.cuh"
 
 #include <algorithm>
 
@@ -24,13 +24,11 @@ namespace medmtl {
 namespace cuda {
 namespace {
 
-constexpr int kWarpSize = 32;
 constexpr int kMaxForwardThreads = 256;
 constexpr int kBackwardThreads = 256;
 constexpr int64_t kMaxGridX = 2147483647;  // 2^31 - 1
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kBackwardTargetBlocks = 2048;  // enough blocks to fill any current GPU
-constexpr unsigned kFullMask = 0xffffffffu;
 
 
 template <typename scalar_t>
@@ -43,25 +41,7 @@ __device__ __forceinline__ acc_type<scalar_t> param_or(const scalar_t* p, int64_
 // Block reductions. blockDim.x is a multiple of 32 (at most 1024) and every
 // thread of the block calls them; the result is valid in thread 0.
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1)
-    v += __shfl_down_sync(kFullMask, v, offset);
-  return v;
-}
 
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t v) {
-  __shared__ acc_t partial[kWarpSize];
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  const int warps = blockDim.x / kWarpSize;
-  v = warp_sum(v);
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  if (warp == 0) v = warp_sum(lane < warps ? partial[lane] : acc_t(0));
-  __syncthreads();  // `partial` may be reused by the next call
-  return v;
-}
 
 // Merges the candidate (value, index) into the running (v, i); index -1 means
 // "no element". Equivalent to scanning the positions in increasing order with

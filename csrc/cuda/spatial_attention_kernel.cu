@@ -24,7 +24,7 @@
 //     in the block; one partial per block, summed by the caller (no atomics:
 //     deterministic).
 #include "spatial_attention_kernel.h"
-#include "device_conversions.cuh"
+#include "device_common.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -36,7 +36,6 @@ namespace cuda {
 namespace spatial_attention_detail {
 namespace {
 
-constexpr int kWarpSize = 32;
 constexpr int kPoolPixels = 32;  // pixels per channel-pool block (one per lane)
 constexpr int kPoolSlices = 8;   // channel slices per channel-pool block
 constexpr int kPoolThreads = kPoolPixels * kPoolSlices;
@@ -45,7 +44,6 @@ constexpr int kWeightThreads = 256;   // grad_weight reduction blocks
 constexpr int64_t kMaxGridX = 2147483647;  // 2^31 - 1
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kTargetBlocks = 2048;  // enough blocks to fill any current GPU
-constexpr unsigned kFullMask = 0xffffffffu;
 
 static_assert(kPoolPixels % kWarpSize == 0 && kPoolThreads <= 1024, "channel-pool block size");
 static_assert(kPixelThreads % kWarpSize == 0 && kPixelThreads <= 1024, "pixel block size");
@@ -80,23 +78,6 @@ __device__ __forceinline__ void channel_max_merge(acc_t& best, int& best_c, acc_
   }
 }
 
-// Sum over the block (blockDim.x a multiple of 32; every thread calls it);
-// the result is valid in thread 0.
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t v) {
-  __shared__ acc_t partial[kWarpSize];
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  const int warps = blockDim.x / kWarpSize;
-  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) v += __shfl_down_sync(kFullMask, v, offset);
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < warps ? partial[lane] : acc_t(0);
-    for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) v += __shfl_down_sync(kFullMask, v, offset);
-  }
-  __syncthreads();  // `partial` may be reused by the next call
-  return v;
-}
 
 // ---------------------------------------------------------------------------
 // Kernels.

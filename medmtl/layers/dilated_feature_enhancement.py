@@ -14,7 +14,7 @@ variant="concat" (the authors' released code):
 spatial_attention=True: y * sigmoid(attention(cat(mean_c y, max_c y))), attention = Conv7x7(2 -> 1).
 
 Eval mode folds the BatchNorms (and, for "sum", the 1x1 convolutions) into one
-multi-dilation convolution whose padding-only taps are skipped; train mode runs
+multi-dilation convolution that skips padding-only taps; train mode runs
 each branch's convolution through the op (a branch whose off-centre taps read
 only padding becomes a 1x1 GEMM) and the BatchNorms as BatchNorm does (batch
 statistics, running-statistic updates).

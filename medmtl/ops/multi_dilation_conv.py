@@ -4,8 +4,11 @@ feature enhancement branches of ResFormerMTL).
 Each branch is a 3x3 convolution at its own dilation d (padding d, so the map
 keeps its size); a dilation of 0 is a 1x1 branch. The branches are summed
 ("sum", then bias and activation) or concatenated ("concat", each with its own
-bias slice and activation). The kernels skip taps that read only padding: at
-dilations 12 and 18 on 14x14 or 28x28 maps most taps do.
+bias slice and activation). Taps that read only padding are skipped (at
+dilations 12 and 18 on 14x14 or 28x28 maps most taps do): per tile in the CUDA
+and Triton kernels; on the CPU a branch whose off-centre taps all read padding
+runs as a 1x1 GEMM with the other such branches, and the rest go through
+oneDNN's convolution, which is faster there than per-tap GEMMs.
 """
 
 from __future__ import annotations

@@ -37,6 +37,24 @@ TORCH_LIBRARY(medmtl, m) {
   // x * sigmoid(conv(cat(mean_c x, max_c x), weight)), weight (1, 2, K, K).
   m.def("spatial_attention(Tensor x, Tensor weight) -> Tensor");
   m.def("spatial_attention_backward(Tensor grad_output, Tensor x, Tensor weight) -> (Tensor, Tensor)");
+
+  // Shifted-window attention (Swin) over token maps q, k, v (B, *S, heads,
+  // head_dim), S = (H, W) or (D, H, W): pad, roll by -shift, windows,
+  // softmax(scale q k^T + bias + region mask) v, and back, all by index
+  // arithmetic (csrc/core/window_geometry.h). Padded keys and values are
+  // pad_key and pad_value (heads, head_dim); the bias comes from
+  // rel_pos_bias_table (prod(2 window - 1), heads). Returns the output
+  // (B, *S, heads, head_dim) and the log-sum-exp of every query's scores
+  // (B, *S, heads), float32 (float64 for float64 inputs).
+  m.def(
+      "window_attention(Tensor q, Tensor k, Tensor v, int[] window_size, int[] shift_size, "
+      "Tensor rel_pos_bias_table, Tensor pad_key, Tensor pad_value, float scale) -> (Tensor, Tensor)");
+  // Gradients of q, k, v, rel_pos_bias_table, pad_key and pad_value, from the
+  // forward's output and log-sum-exp (scores are recomputed, flash style).
+  m.def(
+      "window_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "int[] window_size, int[] shift_size, Tensor rel_pos_bias_table, Tensor pad_key, Tensor pad_value, "
+      "float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 extern "C" {

@@ -12,6 +12,7 @@ from medmtl.ops.backends import (
 from medmtl.ops.multi_dilation_conv import multi_dilation_conv
 from medmtl.ops.multiscale_pool import multiscale_pool
 from medmtl.ops.spatial_attention import spatial_attention
+from medmtl.ops.window_attention import window_attention
 
 __all__ = [
     "BACKENDS",
@@ -24,4 +25,5 @@ __all__ = [
     "resolve_backend",
     "set_backend",
     "spatial_attention",
+    "window_attention",
 ]

@@ -32,6 +32,7 @@ GPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "multiscale_pool": ("cuda", "triton"),
     "multi_dilation_conv": ("cuda", "triton"),
     "spatial_attention": ("cuda", "triton"),
+    "window_attention": ("cuda", "triton"),
 }
 
 # Ops and the backends each implements, filled by the op modules.

@@ -6,6 +6,7 @@ kernel's algorithm.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -88,3 +89,101 @@ def spatial_attention(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     pooled = torch.cat([x.mean(1, keepdim=True), torch.max(x, dim=1, keepdim=True).values], 1)
     gate = torch.sigmoid(F.conv2d(pooled, weight, padding=weight.shape[-1] // 2))
     return x * gate
+
+
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window_size: Sequence[int],
+    shift_size: Sequence[int],
+    rel_pos_bias_table: torch.Tensor,
+    scale: float,
+    pad_key: torch.Tensor | None = None,
+    pad_value: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Shifted-window multi-head attention over a token map, as Swin computes it.
+
+    q, k, v (B, *S, heads, hd) with S = (H, W) or (D, H, W); window_size and
+    shift_size one int per spatial dim. Returns (B, *S, heads, hd).
+
+    Steps: where a dim's size is at most its window, that dim uses the map size
+    as window and no shift (as MONAI and timm do). Pad the map at the end to a
+    multiple of the window (padded tokens take pad_key / pad_value, zero when
+    None), roll by -shift, partition into windows, softmax(scale q k^T + bias
+    + mask) v per window and head, un-partition, roll back, crop. The bias of
+    query i and key j is rel_pos_bias_table[index(r_i - r_j)] where r are the
+    in-window positions and index runs over the configured window's offsets
+    (table rows prod(2 * window - 1)). With a shift, keys from another region
+    of the shifted map get -100, as in Swin.
+    """
+    spatial = tuple(q.shape[1:-2])
+    nd = len(spatial)
+    heads, hd = q.shape[-2], q.shape[-1]
+    batch = q.shape[0]
+    win = [s if s <= w else w for s, w in zip(spatial, window_size)]
+    shift = [0 if s <= w else t for s, w, t in zip(spatial, window_size, shift_size)]
+    padded = [-(-s // w) * w for s, w in zip(spatial, win)]
+
+    def pad_map(t: torch.Tensor, fill: torch.Tensor | None) -> torch.Tensor:
+        out = t.new_zeros((batch, *padded, heads, hd))
+        if fill is not None:
+            out[:] = fill
+        out[(slice(None),) + tuple(slice(0, s) for s in spatial)] = t
+        return out
+
+    def partition(t: torch.Tensor) -> torch.Tensor:
+        # (B, *P, h, c) -> (B * windows, h, N, c)
+        h, c = t.shape[-2:]
+        shape = [batch]
+        for p, w in zip(padded, win):
+            shape += [p // w, w]
+        t = t.reshape(*shape, h, c)
+        window_dims = [1 + 2 * i for i in range(nd)]
+        inner_dims = [2 + 2 * i for i in range(nd)]
+        t = t.permute(0, *window_dims, *inner_dims, 2 * nd + 1, 2 * nd + 2)
+        return t.reshape(-1, math.prod(win), h, c).transpose(1, 2)
+
+    def unpartition(t: torch.Tensor) -> torch.Tensor:
+        # (B * windows, heads, N, hd) -> (B, *P, heads, hd)
+        counts = [p // w for p, w in zip(padded, win)]
+        t = t.transpose(1, 2).reshape(batch, *counts, *win, heads, hd)
+        order = [0]
+        for i in range(nd):
+            order += [1 + i, 1 + nd + i]
+        t = t.permute(*order, 2 * nd + 1, 2 * nd + 2)
+        return t.reshape(batch, *padded, heads, hd)
+
+    dims = tuple(range(1, nd + 1))
+    maps = [pad_map(q, None), pad_map(k, pad_key), pad_map(v, pad_value)]
+    if any(shift):
+        maps = [torch.roll(t, shifts=[-s for s in shift], dims=dims) for t in maps]
+    qw, kw, vw = (partition(t) for t in maps)
+
+    # Relative position bias from the configured window's table.
+    coords = torch.stack(torch.meshgrid(*[torch.arange(w) for w in win], indexing="ij")).flatten(1)
+    rel = coords[:, :, None] - coords[:, None, :]  # (nd, N, N)
+    index = torch.zeros(rel.shape[1:], dtype=torch.long)
+    for i in range(nd):
+        stride = math.prod(2 * w - 1 for w in window_size[i + 1:])
+        index += (rel[i] + window_size[i] - 1) * stride
+    bias = rel_pos_bias_table[index.to(q.device)].permute(2, 0, 1)  # (heads, N, N)
+
+    scores = scale * qw @ kw.transpose(-2, -1) + bias
+    if any(shift):
+        label = torch.zeros(padded, dtype=torch.long, device=q.device)
+        for i, (p, w, s) in enumerate(zip(padded, win, shift)):
+            if s == 0:
+                continue
+            region = torch.zeros(p, dtype=torch.long, device=q.device)
+            region[p - w:p - s] = 1
+            region[p - s:] = 2
+            label = label * 3 + region.view([-1 if j == i else 1 for j in range(nd)])
+        lw = partition(label.view(1, *padded, 1, 1).expand(batch, *padded, 1, 1))[:, 0, :, 0]
+        mask = (lw[:, :, None] != lw[:, None, :]).to(scores.dtype) * -100.0  # (B*windows, N, N)
+        scores = scores + mask[:, None]
+    out = torch.softmax(scores, dim=-1) @ vw
+    out = unpartition(out)
+    if any(shift):
+        out = torch.roll(out, shifts=list(shift), dims=dims)
+    return out[(slice(None),) + tuple(slice(0, s) for s in spatial)]

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "../window_attention_checks.h"
+#include "core/softmax_exp.h"
 
 namespace medmtl {
 namespace {
@@ -159,13 +160,8 @@ void forward_kernel(const WindowGeometry& g, const at::Tensor& q, const at::Tens
         add_bias_and_mask(qt, rows, m, n, bd + h * n * n, scores.data());
         for (int64_t i = 0; i < m; ++i) {
           scalar_t* row = scores.data() + i * n;
-          scalar_t peak = -std::numeric_limits<scalar_t>::infinity();
-          for (int64_t j = 0; j < n; ++j) peak = std::max(peak, row[j]);
-          scalar_t sum = 0;
-          for (int64_t j = 0; j < n; ++j) {
-            row[j] = std::exp(row[j] - peak);
-            sum += row[j];
-          }
+          const scalar_t peak = core::row_max(row, n);
+          const scalar_t sum = core::exp_shifted_sum(row, n, peak);
           inv_sum[i] = scalar_t(1) / sum;
           ld[qt.out_offset[rows[i]] / hd + h] = peak + std::log(sum);
         }
@@ -254,8 +250,7 @@ void backward_kernel(const WindowGeometry& g, const at::Tensor& grad_out, const 
         at::mm_out(pmat, qmat, kmat.t());
         add_bias_and_mask(qt, rows, m, n, bd + h * n * n, probs.data());
         for (int64_t i = 0; i < m; ++i) {
-          scalar_t* row = probs.data() + i * n;
-          for (int64_t j = 0; j < n; ++j) row[j] = std::exp(row[j] - row_lse[i]);
+          core::exp_shifted_sum(probs.data() + i * n, n, row_lse[i]);
         }
         dvmat.addmm_(pmat.t(), domat);
         at::mm_out(dpmat, domat, vmat.t());

@@ -2,5 +2,6 @@
 
 from medmtl.layers.dilated_feature_enhancement import DilatedFeatureEnhancement
 from medmtl.layers.multiscale_pool import MultiScalePool
+from medmtl.layers.window_attention import WindowAttention
 
-__all__ = ["DilatedFeatureEnhancement", "MultiScalePool"]
+__all__ = ["DilatedFeatureEnhancement", "MultiScalePool", "WindowAttention"]

@@ -101,6 +101,7 @@ def window_attention(
     scale: float,
     pad_key: torch.Tensor | None = None,
     pad_value: torch.Tensor | None = None,
+    attn_dropout: float = 0.0,
 ) -> torch.Tensor:
     """Shifted-window multi-head attention over a token map, as Swin computes it.
 
@@ -115,7 +116,8 @@ def window_attention(
     query i and key j is rel_pos_bias_table[index(r_i - r_j)] where r are the
     in-window positions and index runs over the configured window's offsets
     (table rows prod(2 * window - 1)). With a shift, keys from another region
-    of the shifted map get -100, as in Swin.
+    of the shifted map get -100, as in Swin. attn_dropout > 0 drops attention
+    probabilities (training only; the fused kernels have no dropout).
     """
     spatial = tuple(q.shape[1:-2])
     nd = len(spatial)
@@ -182,7 +184,10 @@ def window_attention(
         lw = partition(label.view(1, *padded, 1, 1).expand(batch, *padded, 1, 1))[:, 0, :, 0]
         mask = (lw[:, :, None] != lw[:, None, :]).to(scores.dtype) * -100.0  # (B*windows, N, N)
         scores = scores + mask[:, None]
-    out = torch.softmax(scores, dim=-1) @ vw
+    probs = torch.softmax(scores, dim=-1)
+    if attn_dropout > 0:
+        probs = F.dropout(probs, attn_dropout, training=True)
+    out = probs @ vw
     out = unpartition(out)
     if any(shift):
         out = torch.roll(out, shifts=list(shift), dims=dims)

@@ -73,7 +73,7 @@ def _per_dim(name: str, value: object, nd: int) -> list[int]:
         raise TypeError(f"{OP_NAME}: {name} must be an int or {nd} ints, got {value!r}")
     if isinstance(value, int):
         return [value] * nd
-    if not isinstance(value, Sequence) or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+    if not isinstance(value, Sequence) or not all([isinstance(x, int) and not isinstance(x, bool) for x in value]):
         raise TypeError(f"{OP_NAME}: {name} must be an int or a sequence of {nd} ints, got {value!r}")
     if len(value) != nd:
         raise ValueError(f"{OP_NAME}: {name} must have {nd} entries (one per spatial dim), got {len(value)}: "
@@ -81,6 +81,7 @@ def _per_dim(name: str, value: object, nd: int) -> list[int]:
     return list(value)
 
 
+# List comprehensions, not generators, in the checks: torch.compile traces them.
 def _check_inputs(q, k, v, window_size, shift_size, table, scale, pad_key, pad_value) -> tuple[list[int], list[int]]:
     op = OP_NAME
     check_tensor(op, "q", q)
@@ -92,18 +93,18 @@ def _check_inputs(q, k, v, window_size, shift_size, table, scale, pad_key, pad_v
         if t.shape != q.shape:
             raise ValueError(f"{op}: {name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
         check_like(op, name, t, q, "q")
-    if any(s == 0 for s in q.shape[1:]):
+    if any([s == 0 for s in q.shape[1:]]):
         raise ValueError(f"{op}: q must have non-empty spatial, head and head_dim dims, got {tuple(q.shape)}")
     nd = q.dim() - 3
     window = _per_dim("window_size", window_size, nd)
     shift = _per_dim("shift_size", shift_size, nd)
-    if any(w < 1 for w in window):
+    if any([w < 1 for w in window]):
         raise ValueError(f"{op}: window_size entries must be >= 1, got {tuple(window)}")
-    if any(not 0 <= s < w for s, w in zip(shift, window)):
+    if any([not 0 <= s < w for s, w in zip(shift, window)]):
         raise ValueError(f"{op}: shift_size entries must be in [0, window_size), got shift {tuple(shift)} "
                          f"for window {tuple(window)}")
     heads, head_dim = q.shape[-2:]
-    rows = math.prod(2 * w - 1 for w in window)
+    rows = math.prod([2 * w - 1 for w in window])
     check_tensor(op, "rel_pos_bias_table", table, 2)
     if tuple(table.shape) != (rows, heads):
         raise ValueError(f"{op}: rel_pos_bias_table must have shape ({rows}, {heads}) = (prod(2 * window - 1), "

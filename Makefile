@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 # The CUDA 13 build of torch: pip takes it from this machine's local disk.
-TORCH_SPEC ?= torch==2.14.1
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export MAX_JOBS ?= 2
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
@@ -17,6 +17,8 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q --upgrade pip "setuptools>=77" wheel ninja
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q "pytest>=8" "hypothesis>=6" expecttest "pytest-benchmark>=4" "matplotlib>=3.7"
+	# Test-only oracles: the layers are checked against MONAI's and timm's Swin attention.
+	$(PIP) install -q "monai>=1.3" "timm>=1.0"
 	touch $@
 
 venv: $(VENV)/.deps

@@ -102,6 +102,7 @@ def window_attention(
     pad_key: torch.Tensor | None = None,
     pad_value: torch.Tensor | None = None,
     attn_dropout: float = 0.0,
+    sdpa: bool = False,
 ) -> torch.Tensor:
     """Shifted-window multi-head attention over a token map, as Swin computes it.
 
@@ -118,6 +119,9 @@ def window_attention(
     (table rows prod(2 * window - 1)). With a shift, keys from another region
     of the shifted map get -100, as in Swin. attn_dropout > 0 drops attention
     probabilities (training only; the fused kernels have no dropout).
+    sdpa=True computes each window's attention with
+    F.scaled_dot_product_attention, bias + mask passed as attn_mask (the same
+    composition on PyTorch's fused attention; a benchmark provider).
     """
     spatial = tuple(q.shape[1:-2])
     nd = len(spatial)
@@ -157,6 +161,13 @@ def window_attention(
         return t.reshape(batch, *padded, heads, hd)
 
     dims = tuple(range(1, nd + 1))
+
+    def _unpartition_roll_crop(out: torch.Tensor) -> torch.Tensor:
+        out = unpartition(out)
+        if any(shift):
+            out = torch.roll(out, shifts=list(shift), dims=dims)
+        return out[(slice(None),) + tuple(slice(0, s) for s in spatial)]
+
     maps = [pad_map(q, None), pad_map(k, pad_key), pad_map(v, pad_value)]
     if any(shift):
         maps = [torch.roll(t, shifts=[-s for s in shift], dims=dims) for t in maps]
@@ -171,7 +182,7 @@ def window_attention(
         index += (rel[i] + window_size[i] - 1) * stride
     bias = rel_pos_bias_table[index.to(q.device)].permute(2, 0, 1)  # (heads, N, N)
 
-    scores = scale * qw @ kw.transpose(-2, -1) + bias
+    additive = bias.expand(qw.shape[0], -1, -1, -1)
     if any(shift):
         label = torch.zeros(padded, dtype=torch.long, device=q.device)
         for i, (p, w, s) in enumerate(zip(padded, win, shift)):
@@ -182,13 +193,13 @@ def window_attention(
             region[p - s:] = 2
             label = label * 3 + region.view([-1 if j == i else 1 for j in range(nd)])
         lw = partition(label.view(1, *padded, 1, 1).expand(batch, *padded, 1, 1))[:, 0, :, 0]
-        mask = (lw[:, :, None] != lw[:, None, :]).to(scores.dtype) * -100.0  # (B*windows, N, N)
-        scores = scores + mask[:, None]
+        mask = (lw[:, :, None] != lw[:, None, :]).to(q.dtype) * -100.0  # (B*windows, N, N)
+        additive = additive + mask[:, None]
+    if sdpa:
+        out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=additive, dropout_p=attn_dropout, scale=scale)
+        return _unpartition_roll_crop(out)
+    scores = scale * qw @ kw.transpose(-2, -1) + additive
     probs = torch.softmax(scores, dim=-1)
     if attn_dropout > 0:
         probs = F.dropout(probs, attn_dropout, training=True)
-    out = probs @ vw
-    out = unpartition(out)
-    if any(shift):
-        out = torch.roll(out, shifts=list(shift), dims=dims)
-    return out[(slice(None),) + tuple(slice(0, s) for s in spatial)]
+    return _unpartition_roll_crop(probs @ vw)

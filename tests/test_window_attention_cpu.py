@@ -84,10 +84,11 @@ def test_contiguous_inputs_and_no_pad_values():
     compare((2, 10, 7, 2, 4), (4, 4), (2, 2), qkv_views=False, pad=False)
 
 
-def test_large_window_blocks_queries():
-    """A window of more than 128 tokens splits its queries into blocks."""
+def test_large_windows_split_queries_into_blocks():
+    """Windows of more than 256 tokens (272 and 343 here) take their queries in several blocks."""
+    compare((1, 20, 18, 1, 4), (17, 16), (8, 8), dtype=torch.float32)
+    compare((1, 8, 8, 8, 1, 2), (7, 7, 7), (3, 3, 3), dtype=torch.float32)
     compare((1, 14, 14, 2, 8), (14, 14), (0, 0), dtype=torch.float32)
-    compare((2, 20, 18, 1, 4), (12, 12), (6, 6), dtype=torch.float32)
 
 
 def test_half_inputs_compute_in_float32():

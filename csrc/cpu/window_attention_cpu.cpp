@@ -3,7 +3,7 @@
 // One task per (batch, window, head). A task gathers its window's tokens by
 // index arithmetic (csrc/core/window_geometry.h: padding, cyclic shift and
 // partition are never materialised) into small per-thread buffers, then works
-// through blocks of at most kQueryBlock real queries: scores = (scale q) k^T
+// through blocks of real queries (query_block_rows): scores = (scale q) k^T
 // by GEMM, plus the bias (expanded once per call from the table, heads x N x N,
 // shared by every window) and the region mask, a softmax in place, and P v by
 // GEMM, written straight to the output rows. Padded queries are never
@@ -28,7 +28,14 @@ namespace {
 
 using core::WindowGeometry;
 
-constexpr int64_t kQueryBlock = 128;  // query rows per score block: the block is kQueryBlock x N
+// Query rows per score block: blocks of about kScoreBlock scores (1 MB in
+// float64, 256 KB in float32), at least 16 rows, a multiple of 16 rows.
+constexpr int64_t kScoreBlock = 1 << 16;
+
+int64_t query_block_rows(int64_t tokens) {
+  const int64_t rows = std::max<int64_t>(16, kScoreBlock / tokens / 16 * 16);
+  return std::min(rows, tokens);
+}
 
 // The in-window positions of the N tokens of a window (the same for every window).
 std::vector<int64_t> window_positions(const WindowGeometry& g) {
@@ -132,7 +139,7 @@ void forward_kernel(const WindowGeometry& g, const at::Tensor& q, const at::Tens
   const auto options = q.options().dtype(c10::CppTypeToScalarType<scalar_t>::value);
   const int64_t tasks = g.batch * g.windows * heads;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    const int64_t qb = std::min(kQueryBlock, n);
+    const int64_t qb = query_block_rows(n);
     std::vector<scalar_t> qbuf(qb * hd), kbuf(n * hd), vbuf(n * hd), scores(qb * n), obuf(qb * hd), inv_sum(qb);
     WindowTokens qt(g), kt(g), vt(g);
     int64_t filled = -1;
@@ -207,7 +214,7 @@ void backward_kernel(const WindowGeometry& g, const at::Tensor& grad_out, const 
     const int64_t tid = at::get_thread_num();
     TORCH_CHECK(tid < threads, "window_attention_backward: thread ", tid, " beyond the ", threads,
                 " partial buffers");
-    const int64_t qb = std::min(kQueryBlock, n);
+    const int64_t qb = query_block_rows(n);
     std::vector<scalar_t> qbuf(qb * hd), dobuf(qb * hd), dqbuf(qb * hd), kbuf(n * hd), vbuf(n * hd),
         dkbuf(n * hd), dvbuf(n * hd), probs(qb * n), dprobs(qb * n), delta(qb), row_lse(qb);
     WindowTokens qt(g), kt(g), vt(g);

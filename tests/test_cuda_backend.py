@@ -22,7 +22,7 @@ CUDA_EXPECTED = (torch.version.cuda is not None and os.environ.get("MEDMTL_BUILD
 def test_cuda_kernels_were_compiled_and_registered():
     """In CI the CUDA sources must compile, link and register their kernels."""
     assert extension_loaded() and extension_has_cuda(), medmtl.info()
-    for op in ("multiscale_pool", "multi_dilation_conv", "spatial_attention"):
+    for op in ("multiscale_pool", "multi_dilation_conv", "spatial_attention", "window_attention"):
         for name in (f"medmtl::{op}", f"medmtl::{op}_backward"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
             assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name
@@ -116,3 +116,31 @@ def test_cuda_spatial_attention_matches_reference(k):
     torch.testing.assert_close(results["cuda"][0], results["reference"][0])
     for got, expected in zip(results["cuda"][1], results["reference"][1]):
         torch.testing.assert_close(got, expected)
+
+
+@requires_cuda_gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("shape, window, shift", [((2, 15, 9, 2, 32), (7, 7), (3, 3)),
+                                                  ((1, 9, 10, 11, 3, 16), (7, 7, 7), (3, 3, 3))])
+def test_gpu_window_attention_matches_reference(backend, dtype, tol, shape, window, shift):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    import math
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(*shape, generator=g).cuda().to(dtype).requires_grad_() for _ in range(3))
+    rows = math.prod(2 * w - 1 for w in window)
+    table = torch.randn(rows, shape[-2], generator=g).cuda().to(dtype).requires_grad_()
+    pad_key, pad_value = (torch.randn(shape[-2:], generator=g).cuda().to(dtype).requires_grad_() for _ in range(2))
+    leaves = (q, k, v, table, pad_key, pad_value)
+    expected = medmtl.ops.reference.window_attention(*(t.double() for t in leaves[:3]), window, shift,
+                                                     table.double(), 0.2, pad_key.double(), pad_value.double())
+    with medmtl.backend(backend):
+        out = medmtl.ops.window_attention(q, k, v, window, shift, table, 0.2, pad_key, pad_value)
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+    grad = torch.randn_like(expected)
+    want = torch.autograd.grad(expected, [t for t in leaves], grad)  # through the .double() casts
+    have = torch.autograd.grad(out, leaves, grad.to(dtype))
+    for w, h in zip(want, have):
+        torch.testing.assert_close(h.double(), w, rtol=tol * 5, atol=tol * 5 * max(1.0, w.abs().max().item()))

@@ -157,3 +157,22 @@ def test_bad_input_shape():
         layer(torch.randn(1, 8, 8, 6))
     with pytest.raises(ValueError, match=r"x must be \(B, H, W, C\)"):
         layer(torch.randn(1, 2, 8, 8, 8))
+
+
+@pytest.mark.parametrize("spatial, window, shift", [((9, 6), (4, 4), (2, 2)), ((3, 4, 5), (2, 3, 3), (1, 1, 1))])
+def test_triton_backend_layer_matches_reference(spatial, window, shift):
+    """The layer on the Triton kernels (interpreter): output and every parameter's gradient."""
+    pytest.importorskip("triton")
+    nd = len(spatial)
+    layer = WindowAttention(8, 2, window, shift, spatial_dims=nd)
+    randomize(layer, 4)
+    x = torch.randn(1, *spatial, 8)
+    results = {}
+    for backend in ("reference", "triton"):
+        layer.zero_grad()
+        with medmtl.backend(backend):
+            out = layer(x)
+        out.square().sum().backward()
+        results[backend] = [out.detach()] + [p.grad.clone() for p in layer.parameters()]
+    for want, have in zip(results["reference"], results["triton"]):
+        torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4)

@@ -30,6 +30,15 @@ inline at::Tensor with_contiguous_head_dim(const at::Tensor& t) {
   return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
 }
 
+// t has q's shape, dtype and device.
+inline void check_like_q(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
+  TORCH_CHECK(t.sizes() == q.sizes(), op, ": ", name, " must have the shape of q (", q.sizes(), "), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have the dtype of q (", q.scalar_type(),
+              "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on the device of q (", q.device(), "), got ",
+              t.device());
+}
+
 inline core::WindowGeometry check_window_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
                                                            const at::Tensor& v, at::IntArrayRef window_size,
                                                            at::IntArrayRef shift_size, const at::Tensor& table,
@@ -39,14 +48,8 @@ inline core::WindowGeometry check_window_attention_inputs(const char* op, const 
               ": q must be (B, H, W, heads, head_dim) or (B, D, H, W, heads, head_dim), got ", q.dim(),
               "-D of shape ", q.sizes());
   TORCH_CHECK(at::isFloatingType(q.scalar_type()), op, ": q must have a floating dtype, got ", q.scalar_type());
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"v", v}}) {
-    TORCH_CHECK(t.sizes() == q.sizes(), op, ": ", name, " must have the shape of q (", q.sizes(), "), got ",
-                t.sizes());
-    TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have the dtype of q (", q.scalar_type(),
-                "), got ", t.scalar_type());
-    TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on the device of q (", q.device(), "), got ",
-                t.device());
-  }
+  check_like_q(op, "k", k, q);
+  check_like_q(op, "v", v, q);
   const int64_t nd = q.dim() - 3;
   TORCH_CHECK(static_cast<int64_t>(window_size.size()) == nd, op, ": window_size must have ", nd,
               " entries (one per spatial dim), got ", window_size);
@@ -93,14 +96,8 @@ inline core::WindowGeometry check_window_attention_inputs(const char* op, const 
 inline void check_window_attention_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q,
                                                    const at::Tensor& out, const at::Tensor& lse) {
   const char* op = "window_attention_backward";
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_out", grad_out}, {"out", out}}) {
-    TORCH_CHECK(t.sizes() == q.sizes(), op, ": ", name, " must have the shape of q (", q.sizes(), "), got ",
-                t.sizes());
-    TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have the dtype of q (", q.scalar_type(),
-                "), got ", t.scalar_type());
-    TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on the device of q (", q.device(), "), got ",
-                t.device());
-  }
+  check_like_q(op, "grad_out", grad_out, q);
+  check_like_q(op, "out", out, q);
   const auto lse_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(lse.sizes() == q.sizes().slice(0, q.dim() - 1), op, ": lse must have shape ",
               q.sizes().slice(0, q.dim() - 1), ", got ", lse.sizes());

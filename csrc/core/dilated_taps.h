@@ -10,11 +10,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define MEDMTL_HOST_DEVICE __host__ __device__
-#else
-#define MEDMTL_HOST_DEVICE
-#endif
+#include "host_device.h"
 
 namespace medmtl {
 namespace core {

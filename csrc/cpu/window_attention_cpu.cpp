@@ -125,45 +125,75 @@ void add_bias_and_mask(const WindowTokens& t, const int64_t* queries, int64_t m,
   }
 }
 
+// One thread's current (batch, window, head) task: the window's tokens in q,
+// k and v, and the head's keys and values gathered into (N, hd) matrices
+// (padded keys take pad_key / pad_value). The token tables are refilled only
+// when the window changes (tasks run head-fastest).
+template <typename scalar_t>
+struct WindowTask {
+  const WindowGeometry& g;
+  const TokenStrides sq, sk, sv;
+  const scalar_t *kd, *vd, *pkd, *pvd;
+  WindowTokens qt, kt, vt;
+  std::vector<scalar_t> kbuf, vbuf;
+  at::Tensor kmat, vmat;  // (N, hd) views of kbuf and vbuf
+  int64_t head = -1, window = -1;
+
+  WindowTask(const WindowGeometry& geometry, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+             const at::Tensor& pad_key, const at::Tensor& pad_value)
+      : g(geometry), sq(token_strides(q)), sk(token_strides(k)), sv(token_strides(v)),
+        kd(k.const_data_ptr<scalar_t>()), vd(v.const_data_ptr<scalar_t>()),
+        pkd(pad_key.const_data_ptr<scalar_t>()), pvd(pad_value.const_data_ptr<scalar_t>()), qt(geometry),
+        kt(geometry), vt(geometry), kbuf(geometry.tokens * geometry.head_dim),
+        vbuf(geometry.tokens * geometry.head_dim) {
+    const auto options = q.options().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+    kmat = matrix(kbuf.data(), g.tokens, g.head_dim, options);
+    vmat = matrix(vbuf.data(), g.tokens, g.head_dim, options);
+  }
+
+  void load(int64_t task) {
+    head = task % g.heads;
+    const int64_t bw = task / g.heads, b = bw / g.windows, w = bw % g.windows;
+    if (window != bw) {
+      qt.fill(g, sq, b, w);
+      kt.fill(g, sk, b, w);
+      vt.fill(g, sv, b, w);
+      window = bw;
+    }
+    gather_rows(kt, kd, head * sk.head, pkd + head * g.head_dim, g.head_dim, kbuf.data());
+    gather_rows(vt, vd, head * sv.head, pvd + head * g.head_dim, g.head_dim, vbuf.data());
+  }
+};
+
 template <typename scalar_t>
 void forward_kernel(const WindowGeometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& bias, const at::Tensor& pad_key, const at::Tensor& pad_value, double scale,
                     at::Tensor& out, at::Tensor& lse) {
   const int64_t n = g.tokens, hd = g.head_dim, heads = g.heads;
-  const TokenStrides sq = token_strides(q), sk = token_strides(k), sv = token_strides(v);
-  const scalar_t *qd = q.const_data_ptr<scalar_t>(), *kd = k.const_data_ptr<scalar_t>(),
-                 *vd = v.const_data_ptr<scalar_t>(), *bd = bias.const_data_ptr<scalar_t>(),
-                 *pkd = pad_key.const_data_ptr<scalar_t>(), *pvd = pad_value.const_data_ptr<scalar_t>();
+  const int64_t q_head = token_strides(q).head;
+  const scalar_t *qd = q.const_data_ptr<scalar_t>(), *bd = bias.const_data_ptr<scalar_t>();
   scalar_t* od = out.mutable_data_ptr<scalar_t>();
   scalar_t* ld = lse.mutable_data_ptr<scalar_t>();
   const auto options = q.options().dtype(c10::CppTypeToScalarType<scalar_t>::value);
   const int64_t tasks = g.batch * g.windows * heads;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     const int64_t qb = query_block_rows(n);
-    std::vector<scalar_t> qbuf(qb * hd), kbuf(n * hd), vbuf(n * hd), scores(qb * n), obuf(qb * hd), inv_sum(qb);
-    WindowTokens qt(g), kt(g), vt(g);
-    int64_t filled = -1;
+    std::vector<scalar_t> qbuf(qb * hd), scores(qb * n), obuf(qb * hd), inv_sum(qb);
+    WindowTask<scalar_t> t(g, q, k, v, pad_key, pad_value);
+    const WindowTokens& qt = t.qt;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t h = task % heads, bw = task / heads, b = bw / g.windows, w = bw % g.windows;
-      if (filled != bw) {
-        qt.fill(g, sq, b, w);
-        kt.fill(g, sk, b, w);
-        vt.fill(g, sv, b, w);
-        filled = bw;
-      }
-      gather_rows(kt, kd, h * sk.head, pkd + h * hd, hd, kbuf.data());
-      gather_rows(vt, vd, h * sv.head, pvd + h * hd, hd, vbuf.data());
-      const at::Tensor kmat = matrix(kbuf.data(), n, hd, options), vmat = matrix(vbuf.data(), n, hd, options);
+      t.load(task);
+      const int64_t h = t.head;
       const int64_t real = static_cast<int64_t>(qt.real.size());
       for (int64_t start = 0; start < real; start += qb) {
         const int64_t m = std::min(qb, real - start);
         const int64_t* rows = qt.real.data() + start;
         for (int64_t i = 0; i < m; ++i) {
-          const scalar_t* src = qd + qt.offset[rows[i]] + h * sq.head;
+          const scalar_t* src = qd + qt.offset[rows[i]] + h * q_head;
           for (int64_t c = 0; c < hd; ++c) qbuf[i * hd + c] = static_cast<scalar_t>(src[c] * scale);
         }
         at::Tensor smat = matrix(scores.data(), m, n, options);
-        at::mm_out(smat, matrix(qbuf.data(), m, hd, options), kmat.t());
+        at::mm_out(smat, matrix(qbuf.data(), m, hd, options), t.kmat.t());
         add_bias_and_mask(qt, rows, m, n, bd + h * n * n, scores.data());
         for (int64_t i = 0; i < m; ++i) {
           scalar_t* row = scores.data() + i * n;
@@ -173,7 +203,7 @@ void forward_kernel(const WindowGeometry& g, const at::Tensor& q, const at::Tens
           ld[qt.out_offset[rows[i]] / hd + h] = peak + std::log(sum);
         }
         at::Tensor omat = matrix(obuf.data(), m, hd, options);
-        at::mm_out(omat, smat, vmat);
+        at::mm_out(omat, smat, t.vmat);
         for (int64_t i = 0; i < m; ++i) {
           scalar_t* dst = od + qt.out_offset[rows[i]] + h * hd;
           for (int64_t c = 0; c < hd; ++c) dst[c] = obuf[i * hd + c] * inv_sum[i];
@@ -196,10 +226,8 @@ void backward_kernel(const WindowGeometry& g, const at::Tensor& grad_out, const 
                      at::Tensor& gk, at::Tensor& gv, at::Tensor& grad_bias, at::Tensor& grad_pad_key,
                      at::Tensor& grad_pad_value) {
   const int64_t n = g.tokens, hd = g.head_dim, heads = g.heads;
-  const TokenStrides sq = token_strides(q), sk = token_strides(k), sv = token_strides(v);
-  const scalar_t *qd = q.const_data_ptr<scalar_t>(), *kd = k.const_data_ptr<scalar_t>(),
-                 *vd = v.const_data_ptr<scalar_t>(), *bd = bias.const_data_ptr<scalar_t>(),
-                 *pkd = pad_key.const_data_ptr<scalar_t>(), *pvd = pad_value.const_data_ptr<scalar_t>(),
+  const int64_t q_head = token_strides(q).head;
+  const scalar_t *qd = q.const_data_ptr<scalar_t>(), *bd = bias.const_data_ptr<scalar_t>(),
                  *god = grad_out.const_data_ptr<scalar_t>(), *od = out.const_data_ptr<scalar_t>(),
                  *ld = lse.const_data_ptr<scalar_t>();
   scalar_t *gqd = gq.mutable_data_ptr<scalar_t>(), *gkd = gk.mutable_data_ptr<scalar_t>(),
@@ -215,21 +243,14 @@ void backward_kernel(const WindowGeometry& g, const at::Tensor& grad_out, const 
     TORCH_CHECK(tid < threads, "window_attention_backward: thread ", tid, " beyond the ", threads,
                 " partial buffers");
     const int64_t qb = query_block_rows(n);
-    std::vector<scalar_t> qbuf(qb * hd), dobuf(qb * hd), dqbuf(qb * hd), kbuf(n * hd), vbuf(n * hd),
-        dkbuf(n * hd), dvbuf(n * hd), probs(qb * n), dprobs(qb * n), delta(qb), row_lse(qb);
-    WindowTokens qt(g), kt(g), vt(g);
-    int64_t filled = -1;
+    std::vector<scalar_t> qbuf(qb * hd), dobuf(qb * hd), dqbuf(qb * hd), dkbuf(n * hd), dvbuf(n * hd),
+        probs(qb * n), dprobs(qb * n), delta(qb), row_lse(qb);
+    WindowTask<scalar_t> t(g, q, k, v, pad_key, pad_value);
+    const WindowTokens &qt = t.qt, &kt = t.kt;
+    const at::Tensor &kmat = t.kmat, &vmat = t.vmat;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t h = task % heads, bw = task / heads, b = bw / g.windows, w = bw % g.windows;
-      if (filled != bw) {
-        qt.fill(g, sq, b, w);
-        kt.fill(g, sk, b, w);
-        vt.fill(g, sv, b, w);
-        filled = bw;
-      }
-      gather_rows(kt, kd, h * sk.head, pkd + h * hd, hd, kbuf.data());
-      gather_rows(vt, vd, h * sv.head, pvd + h * hd, hd, vbuf.data());
-      const at::Tensor kmat = matrix(kbuf.data(), n, hd, options), vmat = matrix(vbuf.data(), n, hd, options);
+      t.load(task);
+      const int64_t h = t.head;
       at::Tensor dkmat = matrix(dkbuf.data(), n, hd, options), dvmat = matrix(dvbuf.data(), n, hd, options);
       dkmat.zero_();
       dvmat.zero_();
@@ -240,7 +261,7 @@ void backward_kernel(const WindowGeometry& g, const at::Tensor& grad_out, const 
         const int64_t* rows = qt.real.data() + start;
         for (int64_t i = 0; i < m; ++i) {
           const int64_t r = rows[i];
-          const scalar_t* src = qd + qt.offset[r] + h * sq.head;
+          const scalar_t* src = qd + qt.offset[r] + h * q_head;
           const scalar_t* go = god + qt.out_offset[r] + h * hd;
           const scalar_t* o = od + qt.out_offset[r] + h * hd;
           scalar_t dot = 0;

@@ -28,8 +28,9 @@ def info() -> str:
         f"triton: {_triton_version()}",
         f"backend in force: {get_backend()}",
         "",
-        "op               backend    available here",
     ]
+    width = max([len(op) for op in OPS] + [len("op")])
+    lines.append(f"{'op':{width}} {'backend':10} available here")
     for op, backends in sorted(OPS.items()):
         for name in KERNEL_BACKENDS:
             if name not in backends:
@@ -37,7 +38,7 @@ def info() -> str:
             else:
                 reasons = [unavailable_reason(op, name, d) for d in (cpu, cuda)]
                 status = "yes" if None in reasons else "no: " + reasons[0 if name != "cuda" else 1]
-            lines.append(f"{op:16} {name:10} {status}")
+            lines.append(f"{op:{width}} {name:10} {status}")
         auto = resolve_backend(op, cpu) if get_backend() == "auto" else get_backend()
-        lines.append(f"{op:16} {'auto (CPU)':10} -> {auto}")
+        lines.append(f"{op:{width}} {'auto (CPU)':10} -> {auto}")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -103,8 +104,9 @@ def test_auto_on_cuda_tensors_falls_back_to_reference_without_gpu_backends(monke
 def test_info_lists_build_and_backends():
     text = medmtl.info()
     assert "extension medmtl._C:" in text and "triton:" in text and "CUDA kernels:" in text
-    for name in ("reference", "cpu", "cuda", "triton"):
-        assert f"multiscale_pool  {name}" in text
+    for op in ("multiscale_pool", "multi_dilation_conv", "spatial_attention", "window_attention"):
+        for name in ("reference", "cpu", "cuda", "triton"):
+            assert re.search(rf"^{op} +{name} +(yes|no: .+)$", text, re.MULTILINE), (op, name)
 
 
 def test_command_line_info():

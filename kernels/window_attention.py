@@ -102,10 +102,11 @@ TABLE_COPIES = 8
 
 
 @triton.jit
-def _tokens(r, n0, n1, n2, N, w0, w1, w2, t0, t1, t2, P0, P1, P2, L0, L1, L2, W1, W2):
-    """In-window tokens r of window (n0, n1, n2) -> map coordinates (x0, x1, x2), in_window
-    (r < N), real (in the window and inside the map), padded (in the window, outside the
-    map), region label, and bias base sum_d pos_d prod_{e > d} (2 W_e - 1)."""
+def _tokens(blk, BLOCK: tl.constexpr, n0, n1, n2, N, w0, w1, w2, t0, t1, t2, P0, P1, P2, L0, L1, L2, W1, W2):
+    """In-window tokens r = blk * BLOCK + [0, BLOCK) of window (n0, n1, n2) -> map coordinates
+    (x0, x1, x2), in_window (r < N), real (in the window and inside the map), padded (in the
+    window, outside the map), region label, and bias base sum_d pos_d prod_{e > d} (2 W_e - 1)."""
+    r = blk * BLOCK + tl.arange(0, BLOCK)
     in_window = r < N
     pos2 = r % w2
     rest = r // w2
@@ -136,6 +137,36 @@ def _strided(b, x0, x1, x2, h, sb, s0, s1, s2, sh):
     """Element offset (int64) of head_dim 0 of token (b, x0, x1, x2), head h, in a strided map."""
     return (b.to(tl.int64) * sb + x0.to(tl.int64) * s0 + x1.to(tl.int64) * s1 + x2.to(tl.int64) * s2
             + h.to(tl.int64) * sh)
+
+
+@triton.jit
+def _gather(ptr, b, x0, x1, x2, h, sb, s0, s1, s2, sh, d, rows_ok, d_ok, TRANSPOSED: tl.constexpr):
+    """Tokens (b, x0, x1, x2), head h, of a strided map: (BLOCK, BLOCK_D), or (BLOCK_D, BLOCK) when
+    TRANSPOSED; 0 for the tokens not rows_ok and beyond head_dim (d_ok)."""
+    off = _strided(b, x0, x1, x2, h, sb, s0, s1, s2, sh)
+    if TRANSPOSED:
+        rows = tl.load(ptr + off[None, :] + d[:, None], mask=rows_ok[None, :] & d_ok[:, None], other=0.0)
+    else:
+        rows = tl.load(ptr + off[:, None] + d[None, :], mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+    return rows
+
+
+@triton.jit
+def _gather_keys(ptr, b, x0, x1, x2, h, sb, s0, s1, s2, sh, d, real, padded, d_ok, pad, TRANSPOSED: tl.constexpr):
+    """_gather of keys (or values) of a window: the real tokens from the map, pad (BLOCK_D,) for the
+    padded ones, 0 for the tokens outside the window."""
+    rows = _gather(ptr, b, x0, x1, x2, h, sb, s0, s1, s2, sh, d, real, d_ok, TRANSPOSED)
+    if TRANSPOSED:
+        rows = tl.where(padded[None, :], pad[:, None], rows)
+    else:
+        rows = tl.where(padded[:, None], pad[None, :], rows)
+    return rows
+
+
+@triton.jit
+def _head_row(ptr, h, head_dim, d, d_ok):
+    """Row h of a contiguous (heads, head_dim) tensor (pad_key, pad_value), 0 beyond head_dim."""
+    return tl.load(ptr + h * head_dim + d, mask=d_ok, other=0.0)
 
 
 @triton.jit
@@ -179,25 +210,21 @@ def window_attention_forward_kernel(
     d_ok = d < head_dim
     scale = tl.load(scale_ptr)
 
-    rq = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     xq0, xq1, xq2, q_in, q_real, _, q_label, q_base = _tokens(
-        rq, n0, n1, n2, N, w0, w1, w2, t0, t1, t2, P0, P1, P2, L0, L1, L2, W1, W2)
-    q_off = _strided(b, xq0, xq1, xq2, h, sqb, sq0, sq1, sq2, sqh)
-    q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=q_real[:, None] & d_ok[None, :], other=0.0)
-    pad_k = tl.load(pad_k_ptr + h * head_dim + d, mask=d_ok, other=0.0)
-    pad_v = tl.load(pad_v_ptr + h * head_dim + d, mask=d_ok, other=0.0)
+        qb, BLOCK_M, n0, n1, n2, N, w0, w1, w2, t0, t1, t2, P0, P1, P2, L0, L1, L2, W1, W2)
+    q = _gather(q_ptr, b, xq0, xq1, xq2, h, sqb, sq0, sq1, sq2, sqh, d, q_real, d_ok, False)
+    pad_k = _head_row(pad_k_ptr, h, head_dim, d, d_ok)
+    pad_v = _head_row(pad_v_ptr, h, head_dim, d, d_ok)
     table = table_ptr + h.to(tl.int64) * rows
 
     m_i = tl.full([BLOCK_M], -1.0e30, acc_ty)
     l_i = tl.zeros([BLOCK_M], acc_ty)
     acc = tl.zeros([BLOCK_M, BLOCK_D], acc_ty)
     for kb in range(0, tl.cdiv(N, BLOCK_N)):
-        rk = kb * BLOCK_N + tl.arange(0, BLOCK_N)
         xk0, xk1, xk2, k_in, k_real, k_pad, k_label, k_base = _tokens(
-            rk, n0, n1, n2, N, w0, w1, w2, t0, t1, t2, P0, P1, P2, L0, L1, L2, W1, W2)
-        k_off = _strided(b, xk0, xk1, xk2, h, skb, sk0, sk1, sk2, skh)
-        kt = tl.load(k_ptr + k_off[None, :] + d[:, None], mask=k_real[None, :] & d_ok[:, None], other=0.0)
-        kt = tl.where(k_pad[None, :], pad_k[:, None], kt)                        # (BLOCK_D, BLOCK_N)
+            kb, BLOCK_N, n0, n1, n2, N, w0, w1, w2, t0, t1, t2, P0, P1, P2, L0, L1, L2, W1, W2)
+        kt = _gather_keys(k_ptr, b, xk0, xk1, xk2, h, skb, sk0, sk1, sk2, skh, d, k_real, k_pad, d_ok, pad_k,
+                          True)                                                  # (BLOCK_D, BLOCK_N)
         s = tl.dot(q, kt, input_precision="ieee", out_dtype=acc_ty) * scale
         ok = q_in[:, None] & k_in[None, :] & (q_label[:, None] == k_label[None, :])
         bias = tl.load(table + (q_base[:, None] - k_base[None, :] + bias_c), mask=ok, other=0.0)
@@ -206,9 +233,8 @@ def window_attention_forward_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_off = _strided(b, xk0, xk1, xk2, h, svb, sv0, sv1, sv2, svh)
-        v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=k_real[:, None] & d_ok[None, :], other=0.0)
-        v = tl.where(k_pad[:, None], pad_v[None, :], v)                          # (BLOCK_N, BLOCK_D)
+        v = _gather_keys(v_ptr, b, xk0, xk1, xk2, h, svb, sv0, sv1, sv2, svh, d, k_real, k_pad, d_ok, pad_v,
+                         False)                                                  # (BLOCK_N, BLOCK_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee", out_dtype=acc_ty)
         m_i = m_new
 
@@ -243,34 +269,29 @@ def window_attention_backward_dq_kernel(
     d_ok = d < head_dim
     scale = tl.load(scale_ptr)
 
-    rq = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     xq0, xq1, xq2, q_in, q_real, _, q_label, q_base = _tokens(
-        rq, n0, n1, n2, N, w0, w1, w2, t0, t1, t2, P0, P1, P2, L0, L1, L2, W1, W2)
-    q_off = _strided(b, xq0, xq1, xq2, h, sqb, sq0, sq1, sq2, sqh)
+        qb, BLOCK_M, n0, n1, n2, N, w0, w1, w2, t0, t1, t2, P0, P1, P2, L0, L1, L2, W1, W2)
     q_mask = q_real[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=q_mask, other=0.0)
+    q = _gather(q_ptr, b, xq0, xq1, xq2, h, sqb, sq0, sq1, sq2, sqh, d, q_real, d_ok, False)
     row = _flat(b, xq0, xq1, xq2, h, heads, L0, L1, L2)
     do = tl.load(grad_out_ptr + row[:, None] * head_dim + d[None, :], mask=q_mask, other=0.0)
     o = tl.load(out_ptr + row[:, None] * head_dim + d[None, :], mask=q_mask, other=0.0)
     delta = tl.sum(do.to(acc_ty) * o.to(acc_ty), 1)
     tl.store(delta_ptr + row, delta, mask=q_real)
     lse = tl.load(lse_ptr + row, mask=q_real, other=0.0)
-    pad_k = tl.load(pad_k_ptr + h * head_dim + d, mask=d_ok, other=0.0)
-    pad_v = tl.load(pad_v_ptr + h * head_dim + d, mask=d_ok, other=0.0)
+    pad_k = _head_row(pad_k_ptr, h, head_dim, d, d_ok)
+    pad_v = _head_row(pad_v_ptr, h, head_dim, d, d_ok)
     table = table_ptr + h.to(tl.int64) * rows
     grad_table = grad_table_ptr + ((bw % copies) * heads + h).to(tl.int64) * rows
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], acc_ty)
     for kb in range(0, tl.cdiv(N, BLOCK_N)):
-        rk = kb * BLOCK_N + tl.arange(0, BLOCK_N)
         xk0, xk1, xk2, k_in, k_real, k_pad, k_label, k_base = _tokens(
-            rk, n0, n1, n2, N, w0, w1, w2, t0, t1, t2, P0, P1, P2, L0, L1, L2, W1, W2)
-        k_off = _strided(b, xk0, xk1, xk2, h, skb, sk0, sk1, sk2, skh)
-        kt = tl.load(k_ptr + k_off[None, :] + d[:, None], mask=k_real[None, :] & d_ok[:, None], other=0.0)
-        kt = tl.where(k_pad[None, :], pad_k[:, None], kt)                        # (BLOCK_D, BLOCK_N)
-        v_off = _strided(b, xk0, xk1, xk2, h, svb, sv0, sv1, sv2, svh)
-        vt = tl.load(v_ptr + v_off[None, :] + d[:, None], mask=k_real[None, :] & d_ok[:, None], other=0.0)
-        vt = tl.where(k_pad[None, :], pad_v[:, None], vt)                        # (BLOCK_D, BLOCK_N)
+            kb, BLOCK_N, n0, n1, n2, N, w0, w1, w2, t0, t1, t2, P0, P1, P2, L0, L1, L2, W1, W2)
+        kt = _gather_keys(k_ptr, b, xk0, xk1, xk2, h, skb, sk0, sk1, sk2, skh, d, k_real, k_pad, d_ok, pad_k,
+                          True)                                                  # (BLOCK_D, BLOCK_N)
+        vt = _gather_keys(v_ptr, b, xk0, xk1, xk2, h, svb, sv0, sv1, sv2, svh, d, k_real, k_pad, d_ok, pad_v,
+                          True)                                                  # (BLOCK_D, BLOCK_N)
         s = tl.dot(q, kt, input_precision="ieee", out_dtype=acc_ty) * scale
         ok = q_real[:, None] & k_in[None, :] & (q_label[:, None] == k_label[None, :])
         bias_row = q_base[:, None] - k_base[None, :] + bias_c
@@ -307,29 +328,22 @@ def window_attention_backward_dkv_kernel(
     d_ok = d < head_dim
     scale = tl.load(scale_ptr)
 
-    rk = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     xk0, xk1, xk2, k_in, k_real, k_pad, k_label, k_base = _tokens(
-        rk, n0, n1, n2, N, w0, w1, w2, t0, t1, t2, P0, P1, P2, L0, L1, L2, W1, W2)
+        kb, BLOCK_N, n0, n1, n2, N, w0, w1, w2, t0, t1, t2, P0, P1, P2, L0, L1, L2, W1, W2)
     k_mask = k_real[:, None] & d_ok[None, :]
-    k_off = _strided(b, xk0, xk1, xk2, h, skb, sk0, sk1, sk2, skh)
-    k = tl.load(k_ptr + k_off[:, None] + d[None, :], mask=k_mask, other=0.0)
-    pad_k = tl.load(pad_k_ptr + h * head_dim + d, mask=d_ok, other=0.0)
-    k = tl.where(k_pad[:, None], pad_k[None, :], k)                              # (BLOCK_N, BLOCK_D)
-    v_off = _strided(b, xk0, xk1, xk2, h, svb, sv0, sv1, sv2, svh)
-    v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=k_mask, other=0.0)
-    pad_v = tl.load(pad_v_ptr + h * head_dim + d, mask=d_ok, other=0.0)
-    v = tl.where(k_pad[:, None], pad_v[None, :], v)                              # (BLOCK_N, BLOCK_D)
+    k = _gather_keys(k_ptr, b, xk0, xk1, xk2, h, skb, sk0, sk1, sk2, skh, d, k_real, k_pad, d_ok,
+                     _head_row(pad_k_ptr, h, head_dim, d, d_ok), False)         # (BLOCK_N, BLOCK_D)
+    v = _gather_keys(v_ptr, b, xk0, xk1, xk2, h, svb, sv0, sv1, sv2, svh, d, k_real, k_pad, d_ok,
+                     _head_row(pad_v_ptr, h, head_dim, d, d_ok), False)         # (BLOCK_N, BLOCK_D)
     table = table_ptr + h.to(tl.int64) * rows
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
     dv = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
     for qb in range(0, tl.cdiv(N, BLOCK_M)):
-        rq = qb * BLOCK_M + tl.arange(0, BLOCK_M)
         xq0, xq1, xq2, q_in, q_real, _, q_label, q_base = _tokens(
-            rq, n0, n1, n2, N, w0, w1, w2, t0, t1, t2, P0, P1, P2, L0, L1, L2, W1, W2)
+            qb, BLOCK_M, n0, n1, n2, N, w0, w1, w2, t0, t1, t2, P0, P1, P2, L0, L1, L2, W1, W2)
         q_mask = q_real[:, None] & d_ok[None, :]
-        q_off = _strided(b, xq0, xq1, xq2, h, sqb, sq0, sq1, sq2, sqh)
-        q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=q_mask, other=0.0)   # (BLOCK_M, BLOCK_D)
+        q = _gather(q_ptr, b, xq0, xq1, xq2, h, sqb, sq0, sq1, sq2, sqh, d, q_real, d_ok, False)  # (BLOCK_M, BLOCK_D)
         row = _flat(b, xq0, xq1, xq2, h, heads, L0, L1, L2)
         do = tl.load(grad_out_ptr + row[:, None] * head_dim + d[None, :], mask=q_mask, other=0.0)
         lse = tl.load(lse_ptr + row, mask=q_real, other=0.0)

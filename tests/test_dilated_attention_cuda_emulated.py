@@ -15,27 +15,25 @@ inputs.
 Buffers handed to the kernels sit between guard zones: writes outside the
 outputs are reported, reads outside the inputs (and of scratch before it is
 written) see NaN, outputs start out filled with a sentinel that must be
-overwritten.
+overwritten. The build and the guarded buffers are shared with the other
+*_cuda_emulated tests (tests/cuda_emulation_build.py,
+tests/cuda_emulation_buffers.py).
 """
 
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 
 from medmtl.ops import reference
-from tests.cuda_emulation_build import find_cuda_include, rewrite_launches, set_constants
+from tests.cuda_emulation_buffers import (SENTINEL, Guarded, assert_unchanged, assert_written, guarded_input,
+                                          guarded_output, ptr_or_none, scratch)
+from tests.cuda_emulation_build import ACC_DTYPE, DTYPE_CODE, EmulatedLibrary, build_emulations
 
-TESTS = Path(__file__).resolve().parent
-EMULATION = TESTS / "cuda_emulation"
-CSRC = TESTS.parent / "csrc"
 KERNELS = ("multi_dilation_conv_kernel", "spatial_attention_kernel")
 HEADERS = ("multiscale_pool_kernel.h", "device_common.cuh")  # included by the kernels (acc_type, to_acc)
 
@@ -52,9 +50,6 @@ SMALL_LIMITS = {
     },
 }
 
-DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-ACC_DTYPE = {torch.float32: torch.float32, torch.float64: torch.float64,
-             torch.float16: torch.float32, torch.bfloat16: torch.float32}
 # Against the float64 reference on the same (rounded) inputs.
 TOLERANCE = {
     torch.float64: dict(rtol=1e-10, atol=1e-10),
@@ -62,142 +57,30 @@ TOLERANCE = {
     torch.float16: dict(rtol=1e-2, atol=1e-2),
     torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
 }
-GUARD = 64           # elements of guard zone on each side of a buffer
-SENTINEL = -12288.0  # initial value of the outputs (exact in every dtype)
 
 
 # ---------------------------------------------------------------------------
-# Source preparation and build.
+# Build.
 
-
-
-def prepare_sources(root: Path, small: bool) -> Path:
-    """A copy of csrc/{core,cuda} with the launches rewritten; returns its cuda dir."""
-    shutil.copytree(CSRC / "core", root / "core")
-    (root / "cuda").mkdir()
-    for name in HEADERS:
-        shutil.copy(CSRC / "cuda" / name, root / "cuda" / name)
-    for kernel in KERNELS:
-        cu_path = CSRC / "cuda" / f"{kernel}.cu"
-        cu = rewrite_launches(cu_path.read_text(), cu_path)
-        if small:
-            cu = set_constants(cu, SMALL_LIMITS[cu_path.name], cu_path)
-        (root / "cuda" / cu_path.name).write_text(cu)
-        shutil.copy(CSRC / "cuda" / f"{kernel}.h", root / "cuda" / f"{kernel}.h")
-    return root / "cuda"
-
-
-class Emulated:
-    """One build of the kernels, loaded with ctypes."""
-
-    def __init__(self, path: Path, name: str):
-        self.name = name
-        lib = self.lib = ctypes.CDLL(str(path))
-        P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-        lib.emu_reset.argtypes, lib.emu_reset.restype = [ctypes.c_uint64], None
-        lib.emu_error.argtypes, lib.emu_error.restype = [], ctypes.c_char_p
-        lib.emu_log.argtypes, lib.emu_log.restype = [], ctypes.c_char_p
-        lib.mdc_workspace.argtypes, lib.mdc_workspace.restype = [P, P, I, P], None
-        lib.mdc_taps.argtypes, lib.mdc_taps.restype = [P, P, L, P], L
-        lib.mdc_forward.argtypes, lib.mdc_forward.restype = [I, P, P, P, P, P, I, P, P], I
-        lib.mdc_backward.argtypes, lib.mdc_backward.restype = [I, P, P, P, P, P, P, I, P, P, P, P, P], I
-        lib.sa_workspace.argtypes, lib.sa_workspace.restype = [P, P], None
-        lib.sa_forward.argtypes, lib.sa_forward.restype = [I, P, P, P, P, P, P], I
-        lib.sa_backward.argtypes, lib.sa_backward.restype = [I, P, P, P, P, P, P, P, P, P, P, P], I
-        lib.core_taps.argtypes, lib.core_taps.restype = [I, L, L, L, L], L
-
-    def launches(self) -> list[str]:
-        """Kernel names of the launches since the last reset."""
-        return [line.rsplit(" ", 6)[0] for line in self.lib.emu_log().decode().splitlines()]
-
-    def check(self, status: int, what: str):
-        assert status == 0, f"{self.name}: {what} failed with cudaError {status}: {self.lib.emu_error().decode()}"
+P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+# The entry points of tests/cuda_emulation/driver_dilated_attention.cpp: name -> (argtypes, restype).
+SIGNATURES = {
+    "mdc_workspace": ([P, P, I, P], None),
+    "mdc_taps": ([P, P, L, P], L),
+    "mdc_forward": ([I, P, P, P, P, P, I, P, P], I),
+    "mdc_backward": ([I, P, P, P, P, P, P, I, P, P, P, P, P], I),
+    "sa_workspace": ([P, P], None),
+    "sa_forward": ([I, P, P, P, P, P, P], I),
+    "sa_backward": ([I, P, P, P, P, P, P, P, P, P, P, P], I),
+    "core_taps": ([I, L, L, L, L], L),
+}
 
 
 @pytest.fixture(scope="module")
-def emulated(tmp_path_factory) -> dict[str, Emulated]:
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("g++ not found: cannot build the CUDA emulation")
-    include, why = find_cuda_include(cxx)
-    if include is None:
-        pytest.skip(why)
-    root = tmp_path_factory.mktemp("cuda_emulation_dilated_attention")
-    out = {}
-    for name in ("real", "small"):  # one compiler at a time
-        cuda_dir = prepare_sources(root / name, small=name == "small")
-        lib = root / f"libemu_{name}.so"
-        cmd = [cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-fvisibility=hidden",
-               "-Wl,-z,defs", "-Wall", "-Wno-unknown-pragmas", "-I", str(include), "-I", str(cuda_dir),
-               "-I", str(EMULATION), str(EMULATION / "driver_dilated_attention.cpp"), "-o", str(lib)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise AssertionError(f"building the {name} emulation failed:\n{' '.join(cmd)}\n{r.stderr[-6000:]}")
-        out[name] = Emulated(lib, name)
-    return out
-
-
-# ---------------------------------------------------------------------------
-# Guarded buffers.
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-class Guarded:
-    """A flat buffer with guard zones of `fill` on each side; `.t` is the tensor in between."""
-
-    def __init__(self, shape, dtype, value, fill):
-        shape = tuple(shape)
-        n = 1
-        for s in shape:
-            n *= s
-        self.n, self.fill = n, fill
-        self.buf = torch.full((n + 2 * GUARD,), fill, dtype=dtype)
-        self.t = self.buf[GUARD:GUARD + n].view(shape)
-        if isinstance(value, torch.Tensor):
-            self.t.copy_(value.reshape(shape))
-        else:
-            self.t.fill_(value)
-
-    def ptr(self) -> int:
-        return self.t.data_ptr()
-
-    def check_guards(self, what: str):
-        expected = _bits(torch.full((GUARD,), self.fill, dtype=self.buf.dtype))
-        for zone, side in ((self.buf[:GUARD], "before"), (self.buf[GUARD + self.n:], "after")):
-            assert torch.equal(_bits(zone), expected), f"the kernels wrote {side} {what}"
-
-
-def guarded_input(t: torch.Tensor) -> Guarded:
-    return Guarded(t.shape, t.dtype, t.contiguous(), float("nan") if t.is_floating_point() else -1)
-
-
-def guarded_output(shape, dtype) -> Guarded:
-    return Guarded(shape, dtype, SENTINEL, SENTINEL)
-
-
-def scratch(n: int, dtype) -> Guarded:
-    """Scratch the kernels must write before they read: NaN inside and around."""
-    fill = float("nan") if dtype.is_floating_point else -1
-    return Guarded((n,), dtype, fill, fill)
-
-
-def assert_written(g: Guarded, what: str):
-    g.check_guards(what)
-    if g.n:
-        stale = _bits(g.t.reshape(-1)) == _bits(torch.tensor([SENTINEL], dtype=g.t.dtype))
-        assert not stale.any(), f"{what}: {int(stale.sum())} of {g.n} elements never written"
-
-
-def assert_unchanged(g: Guarded, original: torch.Tensor, what: str):
-    g.check_guards(what)
-    assert torch.equal(_bits(g.t.reshape(-1)), _bits(original.contiguous().reshape(-1))), f"the kernels wrote {what}"
-
-
-def ptr_or_none(g: Guarded | None) -> int | None:
-    """The buffer's address, or None (nullptr) for an absent or empty one."""
-    return g.ptr() if g is not None and g.n else None
+def emulated(tmp_path_factory) -> dict[str, EmulatedLibrary]:
+    files = [*HEADERS, *(f"{kernel}{ext}" for kernel in KERNELS for ext in (".cu", ".h"))]
+    return build_emulations(tmp_path_factory.mktemp("cuda_emulation_dilated_attention"),
+                            "driver_dilated_attention.cpp", files, SMALL_LIMITS, SIGNATURES)
 
 
 # ---------------------------------------------------------------------------
@@ -210,13 +93,13 @@ def mdc_dims(x, weight, dilations, combine) -> tuple[torch.Tensor, torch.Tensor]
     return dims, torch.tensor(list(dilations), dtype=torch.int64)
 
 
-def mdc_workspace(emu: Emulated, dims, dil, relu) -> list[int]:
+def mdc_workspace(emu: EmulatedLibrary, dims, dil, relu) -> list[int]:
     ws = torch.zeros(5, dtype=torch.int64)
     emu.lib.mdc_workspace(dims.data_ptr(), dil.data_ptr(), int(relu), ws.data_ptr())
     return ws.tolist()
 
 
-def emulated_mdc_forward(emu: Emulated, x, weight, dilations, bias, combine, relu):
+def emulated_mdc_forward(emu: EmulatedLibrary, x, weight, dilations, bias, combine, relu):
     dims, dil = mdc_dims(x, weight, dilations, combine)
     forward_acc, *_ = mdc_workspace(emu, dims, dil, relu)
     n, cout = weight.shape[:2]
@@ -238,7 +121,7 @@ def emulated_mdc_forward(emu: Emulated, x, weight, dilations, bias, combine, rel
     return out.t
 
 
-def emulated_mdc_backward(emu: Emulated, grad_output, x, weight, dilations, output, combine, relu):
+def emulated_mdc_backward(emu: EmulatedLibrary, grad_output, x, weight, dilations, output, combine, relu):
     dims, dil = mdc_dims(x, weight, dilations, combine)
     _, grad_x_acc, grad_pre, weight_partials, bias_partials = mdc_workspace(emu, dims, dil, relu)
     n, cout, cin = weight.shape[:3]
@@ -267,13 +150,13 @@ def emulated_mdc_backward(emu: Emulated, grad_output, x, weight, dilations, outp
     return gx.t, grad_weight, gb_partial.t.sum(1).to(x.dtype)
 
 
-def sa_workspace(emu: Emulated, dims) -> list[int]:
+def sa_workspace(emu: EmulatedLibrary, dims) -> list[int]:
     ws = torch.zeros(6, dtype=torch.int64)
     emu.lib.sa_workspace(dims.data_ptr(), ws.data_ptr())
     return ws.tolist()
 
 
-def emulated_sa_forward(emu: Emulated, x, weight):
+def emulated_sa_forward(emu: EmulatedLibrary, x, weight):
     dims = torch.tensor(list(x.shape) + [weight.shape[-1]], dtype=torch.int64)
     pooled_n, gate_n, *_ = sa_workspace(emu, dims)
     acc_dtype = ACC_DTYPE[x.dtype]
@@ -291,7 +174,7 @@ def emulated_sa_forward(emu: Emulated, x, weight):
     return out.t
 
 
-def emulated_sa_backward(emu: Emulated, grad_output, x, weight):
+def emulated_sa_backward(emu: EmulatedLibrary, grad_output, x, weight):
     dims = torch.tensor(list(x.shape) + [weight.shape[-1]], dtype=torch.int64)
     pooled_n, gate_n, argmax_n, logit_n, gpooled_n, partials = sa_workspace(emu, dims)
     acc_dtype = ACC_DTYPE[x.dtype]
@@ -388,7 +271,7 @@ def conv_inputs(case: ConvCase, seed: int):
     return x, weight, bias, grad_output
 
 
-def run_conv_case(emu: Emulated, case: ConvCase, seed: int):
+def run_conv_case(emu: EmulatedLibrary, case: ConvCase, seed: int):
     x, weight, bias, grad_output = conv_inputs(case, seed)
     dilations = list(case.dilations)
     emu.lib.emu_reset(seed)
@@ -401,7 +284,7 @@ def run_conv_case(emu: Emulated, case: ConvCase, seed: int):
     assert_close(gx, gx64, case.dtype, "grad_x")
     assert_close(gw, gw64, case.dtype, "grad_weight")
     assert_close(gb, gb64, case.dtype, "grad_bias")
-    return emu.launches()
+    return emu.kernels()
 
 
 @pytest.mark.parametrize("build", ["real", "small"])
@@ -491,7 +374,7 @@ ATTENTION_CASES = {
 }
 
 
-def run_attention_case(emu: Emulated, case: AttentionCase, seed: int):
+def run_attention_case(emu: EmulatedLibrary, case: AttentionCase, seed: int):
     g = torch.Generator().manual_seed(seed)
     if case.ties:
         x = torch.randint(-2, 3, case.x, generator=g).to(case.dtype)

@@ -12,183 +12,68 @@ multi-launch backward run on small inputs.
 
 Buffers handed to the kernels sit between guard zones: writes outside the
 outputs are reported, reads outside the inputs see NaN (poison), outputs start
-out filled with a sentinel that must be overwritten.
+out filled with a sentinel that must be overwritten. The build and the guarded
+buffers are shared with the other *_cuda_emulated tests
+(tests/cuda_emulation_build.py, tests/cuda_emulation_buffers.py).
 """
 
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 
 from medmtl._extension import extension_loaded
-from tests.cuda_emulation_build import find_cuda_include, rewrite_launches, set_constants
+from tests.cuda_emulation_buffers import (assert_unchanged, assert_written, guarded_input, guarded_output,
+                                          ptr_or_none, scratch)
+from tests.cuda_emulation_build import ACC_DTYPE, CSRC, DTYPE_CODE, EmulatedLibrary, build_emulations
 
-TESTS = Path(__file__).resolve().parent
-EMULATION = TESTS / "cuda_emulation"
-CSRC = TESTS.parent / "csrc"
-KERNEL_CU = CSRC / "cuda" / "multiscale_pool_kernel.cu"
-KERNEL_H = CSRC / "cuda" / "multiscale_pool_kernel.h"
+KERNEL = "multiscale_pool_kernel"
 
-# The "small limits" build: constant -> (file, value).
+# The "small limits" build: per file, constant -> value.
 SMALL_LIMITS = {
-    "kMaxGridX": ("cu", 2),
-    "kMaxGridY": ("cu", 3),
-    "kBackwardTargetBlocks": ("cu", 8),
-    "kMaxForwardThreads": ("cu", 64),
-    "kBackwardThreads": ("cu", 64),
-    "kMaxSizesPerLaunch": ("h", 2),
+    f"{KERNEL}.cu": {
+        "kMaxGridX": 2,
+        "kMaxGridY": 3,
+        "kBackwardTargetBlocks": 8,
+        "kMaxForwardThreads": 64,
+        "kBackwardThreads": 64,
+    },
+    f"{KERNEL}.h": {"kMaxSizesPerLaunch": 2},
 }
 
-DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-ACC_DTYPE = {torch.float32: torch.float32, torch.float64: torch.float64,
-             torch.float16: torch.float32, torch.bfloat16: torch.float32}
 TOLERANCE = {
     torch.float64: dict(rtol=1e-12, atol=1e-12),
     torch.float32: dict(rtol=1e-5, atol=1e-5),
     torch.float16: dict(rtol=2e-3, atol=2e-3),
     torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
 }
-GUARD = 64              # elements of guard zone on each side of a buffer
-SENTINEL = -12288.0     # initial value of the outputs (exact in every dtype)
-INT_SENTINEL = -7       # initial value of the argmax scratch
 
 
 # ---------------------------------------------------------------------------
-# Source preparation and build.
+# Build.
 
-
-
-def prepare_sources(root: Path, small: bool) -> Path:
-    """A copy of csrc/{core,cuda} with the launches rewritten; returns its cuda dir."""
-    shutil.copytree(CSRC / "core", root / "core")
-    (root / "cuda").mkdir()
-    cu = rewrite_launches(KERNEL_CU.read_text(), KERNEL_CU)
-    h = KERNEL_H.read_text()
-    if small:
-        cu = set_constants(cu, {k: v for k, (f, v) in SMALL_LIMITS.items() if f == "cu"}, KERNEL_CU)
-        h = set_constants(h, {k: v for k, (f, v) in SMALL_LIMITS.items() if f == "h"}, KERNEL_H)
-    (root / "cuda" / KERNEL_CU.name).write_text(cu)
-    (root / "cuda" / KERNEL_H.name).write_text(h)
-    for shared in (CSRC / "cuda").glob("*.cuh"):  # device helpers the kernels include
-        shutil.copy(shared, root / "cuda" / shared.name)
-    return root / "cuda"
-
-
-class Emulated:
-    """One build of the kernels, loaded with ctypes."""
-
-    def __init__(self, path: Path, name: str):
-        self.name = name
-        lib = self.lib = ctypes.CDLL(str(path))
-        P, I = ctypes.c_void_p, ctypes.c_int
-        lib.emu_reset.argtypes, lib.emu_reset.restype = [ctypes.c_uint64], None
-        lib.emu_error.argtypes, lib.emu_error.restype = [], ctypes.c_char_p
-        lib.emu_log.argtypes, lib.emu_log.restype = [], ctypes.c_char_p
-        lib.emu_workspace.argtypes, lib.emu_workspace.restype = [P, P, P, I, P], None
-        lib.emu_forward.argtypes, lib.emu_forward.restype = [I, P, P, P, P, P, P, I, I, P], I
-        lib.emu_backward.argtypes, lib.emu_backward.restype = [I, P, P, P, P, P, P, P, I, I, P, P, P, P, P], I
-        lib.emu_selftest.argtypes, lib.emu_selftest.restype = [I, P], I
-
-    def launches(self) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
-        """(kernel, grid, block) of the launches since the last reset."""
-        out = []
-        for line in self.lib.emu_log().decode().splitlines():
-            *kernel, gx, gy, gz, bx, by, bz = line.split()
-            out.append((" ".join(kernel), (int(gx), int(gy), int(gz)), (int(bx), int(by), int(bz))))
-        return out
-
-    def check(self, status: int, what: str):
-        assert status == 0, f"{self.name}: {what} failed with cudaError {status}: {self.lib.emu_error().decode()}"
+P, I = ctypes.c_void_p, ctypes.c_int
+# The entry points of tests/cuda_emulation/driver.cpp: name -> (argtypes, restype).
+SIGNATURES = {
+    "emu_workspace": ([P, P, P, I, P], None),
+    "emu_forward": ([I, P, P, P, P, P, P, I, I, P], I),
+    "emu_backward": ([I, P, P, P, P, P, P, P, I, I, P, P, P, P, P], I),
+    "emu_selftest": ([I, P], I),
+}
 
 
 @pytest.fixture(scope="module")
-def emulated(tmp_path_factory) -> dict[str, Emulated]:
+def emulated(tmp_path_factory) -> dict[str, EmulatedLibrary]:
     if not extension_loaded():
         pytest.skip("medmtl._C is not built: no CPU op to compare with")
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("g++ not found: cannot build the CUDA emulation")
-    include, why = find_cuda_include(cxx)
-    if include is None:
-        pytest.skip(why)
-    root = tmp_path_factory.mktemp("cuda_emulation")
-    builds = {}
-    for name in ("real", "small"):
-        cuda_dir = prepare_sources(root / name, small=name == "small")
-        lib = root / f"libemu_{name}.so"
-        cmd = [cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-fvisibility=hidden",
-               "-Wl,-z,defs", "-Wall", "-Wno-unknown-pragmas", "-I", str(include), "-I", str(cuda_dir),
-               "-I", str(EMULATION), str(EMULATION / "driver.cpp"), "-o", str(lib)]
-        builds[name] = (lib, cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                   text=True))
-    out = {}
-    for name, (lib, cmd, proc) in builds.items():
-        log, _ = proc.communicate()
-        if proc.returncode != 0:
-            raise AssertionError(f"building the {name} emulation failed:\n{' '.join(cmd)}\n{log[-6000:]}")
-        out[name] = Emulated(lib, name)
-    return out
-
-
-# ---------------------------------------------------------------------------
-# Guarded buffers.
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-class Guarded:
-    """A flat buffer with guard zones of `fill` on each side; `.t` is the tensor in between."""
-
-    def __init__(self, shape, dtype, value, fill):
-        n = 1
-        for s in shape:
-            n *= s
-        self.n, self.fill = n, fill
-        self.buf = torch.full((n + 2 * GUARD,), fill, dtype=dtype)
-        self.t = self.buf[GUARD:GUARD + n].view(shape)
-        if isinstance(value, torch.Tensor):
-            self.t.copy_(value.reshape(shape))
-        else:
-            self.t.fill_(value)
-
-    def ptr(self, offset: int = 0) -> int:
-        return self.t.data_ptr() + offset * self.buf.element_size()
-
-    def check_guards(self, what: str):
-        expected = _bits(torch.full((GUARD,), self.fill, dtype=self.buf.dtype))
-        for zone, side in ((self.buf[:GUARD], "before"), (self.buf[GUARD + self.n:], "after")):
-            intact = torch.equal(_bits(zone), expected)
-            assert intact, f"the kernels wrote {side} {what}"
-
-
-def guarded_input(t: torch.Tensor) -> Guarded:
-    poison = float("nan") if t.is_floating_point() else -1
-    return Guarded(tuple(t.shape), t.dtype, t.contiguous(), poison)
-
-
-def guarded_output(shape, dtype) -> Guarded:
-    fill = INT_SENTINEL if dtype == torch.int64 else SENTINEL
-    return Guarded(shape, dtype, fill, fill)
-
-
-def assert_written(g: Guarded, what: str):
-    if g.n:
-        stale = _bits(g.t.reshape(-1)) == _bits(torch.tensor([SENTINEL], dtype=g.t.dtype))
-        assert not stale.any(), f"{what}: {int(stale.sum())} of {g.n} elements never written"
-
-
-def assert_unchanged(g: Guarded, original: torch.Tensor, what: str):
-    g.check_guards(what)
-    unchanged = torch.equal(_bits(g.t.reshape(-1)), _bits(original.contiguous().reshape(-1)))
-    assert unchanged, f"the kernels wrote {what}"
+    # The kernel, its header and the device helpers it includes.
+    files = [f"{KERNEL}.cu", f"{KERNEL}.h", *sorted(p.name for p in (CSRC / "cuda").glob("*.cuh"))]
+    return build_emulations(tmp_path_factory.mktemp("cuda_emulation"), "driver.cpp", files, SMALL_LIMITS,
+                            SIGNATURES, parallel=True)
 
 
 # ---------------------------------------------------------------------------
@@ -230,7 +115,7 @@ def _ptr(t) -> int:
     return t.data_ptr()
 
 
-def emulated_forward(emu: Emulated, features, sizes, mode, scale, shift, relu):
+def emulated_forward(emu: EmulatedLibrary, features, sizes, mode, scale, shift, relu):
     lay = layout_of(features, sizes)
     dtype = features[0].dtype
     out = guarded_output((features[0].shape[0], lay.total_columns), dtype)
@@ -251,12 +136,11 @@ def emulated_forward(emu: Emulated, features, sizes, mode, scale, shift, relu):
     for g, t, what in ((sc, scale, "scale"), (sh, shift, "shift")):
         if g is not None:
             assert_unchanged(g, t, what)
-    out.check_guards("the output")
     assert_written(out, "output")
     return out.t
 
 
-def emulated_backward(emu: Emulated, grad_output, features, sizes, mode, scale, shift, relu):
+def emulated_backward(emu: EmulatedLibrary, grad_output, features, sizes, mode, scale, shift, relu):
     lay = layout_of(features, sizes)
     dtype = features[0].dtype
     acc = ACC_DTYPE[dtype]
@@ -278,20 +162,18 @@ def emulated_backward(emu: Emulated, grad_output, features, sizes, mode, scale, 
         gsc = guarded_output((B, C, partials), acc)
         gsh = guarded_output((B, C, partials), acc)
         argmax = guarded_output((argmax_elements,), torch.int64)
-        scratch = Guarded((grad_elements,), acc, float("nan"), float("nan"))
+        grad_scratch = scratch(grad_elements, acc)
         c0 = lay.channel_offset[i]
         status = emu.lib.emu_backward(
             DTYPE_CODE[dtype], _ptr(level), _ptr(S), _ptr(O), go.ptr(), gx_in.ptr(),
             sc.ptr(c0) if sc else None, sh.ptr(c0) if sh else None, int(relu), is_max, gx.ptr(),
-            gsc.ptr(), gsh.ptr(), argmax.ptr() if argmax_elements else None,
-            scratch.ptr() if grad_elements else None)
+            gsc.ptr(), gsh.ptr(), ptr_or_none(argmax), ptr_or_none(grad_scratch))
         emu.check(status, f"backward of level {i}")
         assert_unchanged(gx_in, x, f"input level {i}")
         for g, what in ((gx, "grad_x"), (gsc, "grad_scale partials"), (gsh, "grad_shift partials")):
-            g.check_guards(f"{what} of level {i}")
             assert_written(g, f"{what} of level {i}")
         argmax.check_guards(f"the argmax scratch of level {i}")
-        scratch.check_guards(f"the gradient scratch of level {i}")
+        grad_scratch.check_guards(f"the gradient scratch of level {i}")
         grads.append(gx.t)
         scale_grads.append(gsc.t.sum((0, 2)))
         shift_grads.append(gsh.t.sum((0, 2)))
@@ -388,7 +270,7 @@ def make_inputs(case: Case, seed: int):
     return features, scale, shift, grad_output
 
 
-def run_case(emu: Emulated, case: Case, seed: int):
+def run_case(emu: EmulatedLibrary, case: Case, seed: int):
     features, scale, shift, grad_output = make_inputs(case, seed)
     sizes = list(case.sizes)
     tol = TOLERANCE[case.dtype]
@@ -420,7 +302,7 @@ def test_small_limits_run_every_loop(emulated):
     case that the real build runs in one backward launch with every plane in the grid."""
     case = Case([(2, 3, 12, 12)], (1, 2, 3), "max", True)
     planes, plane_size = 6, 144
-    lim = {k: v for k, (_, v) in SMALL_LIMITS.items()}
+    lim = {k: v for constants in SMALL_LIMITS.values() for k, v in constants.items()}
     for mode in ("max", "avg"):
         case.mode = mode
         launches = run_case(emulated["small"], case, seed=5)

@@ -16,29 +16,27 @@ run on small inputs.
 Buffers handed to the kernels sit between guard zones: writes outside the
 outputs are reported, reads outside the inputs (and of scratch before it is
 written) see NaN, outputs start out filled with a sentinel that must be
-overwritten.
+overwritten. The build and the guarded buffers are shared with the other
+*_cuda_emulated tests (tests/cuda_emulation_build.py,
+tests/cuda_emulation_buffers.py).
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
-import shutil
-import subprocess
 import zlib
 from dataclasses import dataclass, replace
-from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
 
 from medmtl.ops import reference
-from tests.cuda_emulation_build import find_cuda_include, rewrite_launches, set_constants
+from tests.cuda_emulation_buffers import (assert_unchanged, assert_written, guarded_input, guarded_output,
+                                          ptr_or_none, scratch)
+from tests.cuda_emulation_build import ACC_DTYPE, DTYPE_CODE, EmulatedLibrary, build_emulations
 
-TESTS = Path(__file__).resolve().parent
-EMULATION = TESTS / "cuda_emulation"
-CSRC = TESTS.parent / "csrc"
 KERNEL = "window_attention_kernel"
 HEADERS = ("multiscale_pool_kernel.h", "device_common.cuh")  # included by the kernels (acc_type, to_acc)
 
@@ -55,9 +53,6 @@ SMALL_LIMITS = {
     "kMaxGridX": 3,
 }
 
-DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-ACC_DTYPE = {torch.float32: torch.float32, torch.float64: torch.float64,
-             torch.float16: torch.float32, torch.bfloat16: torch.float32}
 # Against the float64 reference on the same (rounded) inputs. The 16-bit
 # backward also gets the forward's output rounded to the input dtype.
 TOLERANCE = {
@@ -66,137 +61,26 @@ TOLERANCE = {
     torch.float16: dict(rtol=1e-2, atol=1e-2),
     torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
 }
-GUARD = 64           # elements of guard zone on each side of a buffer
-SENTINEL = -12288.0  # initial value of the outputs (exact in every dtype)
 
 
 # ---------------------------------------------------------------------------
-# Source preparation and build.
+# Build.
 
-def prepare_sources(root: Path, small: bool) -> Path:
-    """A copy of csrc/{core,cuda} with the launches rewritten; returns its cuda dir."""
-    shutil.copytree(CSRC / "core", root / "core")
-    (root / "cuda").mkdir()
-    for name in HEADERS + (f"{KERNEL}.h",):
-        shutil.copy(CSRC / "cuda" / name, root / "cuda" / name)
-    cu_path = CSRC / "cuda" / f"{KERNEL}.cu"
-    cu = rewrite_launches(cu_path.read_text(), cu_path)
-    if small:
-        cu = set_constants(cu, SMALL_LIMITS, cu_path)
-    (root / "cuda" / cu_path.name).write_text(cu)
-    return root / "cuda"
-
-
-class Emulated:
-    """One build of the kernels, loaded with ctypes."""
-
-    def __init__(self, path: Path, name: str):
-        self.name = name
-        lib = self.lib = ctypes.CDLL(str(path))
-        P, I, D = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
-        lib.emu_reset.argtypes, lib.emu_reset.restype = [ctypes.c_uint64], None
-        lib.emu_error.argtypes, lib.emu_error.restype = [], ctypes.c_char_p
-        lib.emu_log.argtypes, lib.emu_log.restype = [], ctypes.c_char_p
-        lib.wa_geometry.argtypes, lib.wa_geometry.restype = [P, P], None
-        lib.wa_workspace.argtypes, lib.wa_workspace.restype = [I, P, P], I
-        lib.wa_forward.argtypes, lib.wa_forward.restype = [I, P, P, P, P, P, P, P, P, P, P, D, P, P], I
-        lib.wa_backward.argtypes = [I, P, P, P, P, P, P, P, P, P, P, P, P, P, P, P, D, P, P, P, P, P, P, P, P]
-        lib.wa_backward.restype = I
-
-    def launches(self) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
-        """(kernel, grid, block) of the launches since the last reset."""
-        out = []
-        for line in self.lib.emu_log().decode().splitlines():
-            *kernel, gx, gy, gz, bx, by, bz = line.split()
-            out.append((" ".join(kernel), (int(gx), int(gy), int(gz)), (int(bx), int(by), int(bz))))
-        return out
-
-    def check(self, status: int, what: str):
-        assert status == 0, f"{self.name}: {what} failed with cudaError {status}: {self.lib.emu_error().decode()}"
+P, I, D = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
+# The entry points of tests/cuda_emulation/driver_window_attention.cpp: name -> (argtypes, restype).
+SIGNATURES = {
+    "wa_geometry": ([P, P], None),
+    "wa_workspace": ([I, P, P], I),
+    "wa_forward": ([I, P, P, P, P, P, P, P, P, P, P, D, P, P], I),
+    "wa_backward": ([I, P, P, P, P, P, P, P, P, P, P, P, P, P, P, P, D, P, P, P, P, P, P, P, P], I),
+}
 
 
 @pytest.fixture(scope="module")
-def emulated(tmp_path_factory) -> dict[str, Emulated]:
-    cxx = shutil.which("g++")
-    if cxx is None:
-        pytest.skip("g++ not found: cannot build the CUDA emulation")
-    include, why = find_cuda_include(cxx)
-    if include is None:
-        pytest.skip(why)
-    root = tmp_path_factory.mktemp("cuda_emulation_window_attention")
-    out = {}
-    for name in ("real", "small"):  # one compiler at a time
-        cuda_dir = prepare_sources(root / name, small=name == "small")
-        lib = root / f"libemu_{name}.so"
-        cmd = [cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-fvisibility=hidden",
-               "-Wl,-z,defs", "-Wall", "-Wno-unknown-pragmas", "-I", str(include), "-I", str(cuda_dir),
-               "-I", str(EMULATION), str(EMULATION / "driver_window_attention.cpp"), "-o", str(lib)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise AssertionError(f"building the {name} emulation failed:\n{' '.join(cmd)}\n{r.stderr[-6000:]}")
-        out[name] = Emulated(lib, name)
-    return out
-
-
-# ---------------------------------------------------------------------------
-# Guarded buffers.
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-class Guarded:
-    """A flat buffer with guard zones of `fill` on each side; `.t` is the tensor in between."""
-
-    def __init__(self, shape, dtype, value, fill):
-        shape = tuple(shape)
-        n = math.prod(shape)
-        self.n, self.fill = n, fill
-        self.buf = torch.full((n + 2 * GUARD,), fill, dtype=dtype)
-        self.t = self.buf[GUARD:GUARD + n].view(shape)
-        if isinstance(value, torch.Tensor):
-            self.t.copy_(value.reshape(shape))
-        else:
-            self.t.fill_(value)
-
-    def ptr(self, offset: int = 0) -> int:
-        """The address of element `offset` of `.t`."""
-        return self.t.data_ptr() + offset * self.t.element_size()
-
-    def check_guards(self, what: str):
-        expected = _bits(torch.full((GUARD,), self.fill, dtype=self.buf.dtype))
-        for zone, side in ((self.buf[:GUARD], "before"), (self.buf[GUARD + self.n:], "after")):
-            assert torch.equal(_bits(zone), expected), f"the kernels wrote {side} {what}"
-
-
-def guarded_input(t: torch.Tensor) -> Guarded:
-    return Guarded(t.shape, t.dtype, t.contiguous(), float("nan") if t.is_floating_point() else -1)
-
-
-def guarded_output(shape, dtype) -> Guarded:
-    return Guarded(shape, dtype, SENTINEL, SENTINEL)
-
-
-def scratch(n: int, dtype) -> Guarded:
-    """Scratch the kernels must write before they read: NaN inside and around."""
-    return Guarded((n,), dtype, float("nan"), float("nan"))
-
-
-def assert_written(g: Guarded, what: str):
-    g.check_guards(what)
-    if g.n:
-        stale = _bits(g.t.reshape(-1)) == _bits(torch.tensor([SENTINEL], dtype=g.t.dtype))
-        assert not stale.any(), f"{what}: {int(stale.sum())} of {g.n} elements never written"
-
-
-def assert_unchanged(g: Guarded, original: torch.Tensor, what: str):
-    g.check_guards(what)
-    assert torch.equal(_bits(g.t.reshape(-1)), _bits(original.contiguous().reshape(-1))), f"the kernels wrote {what}"
-
-
-def ptr_or_none(g: Guarded | None) -> int | None:
-    """The buffer's address, or None (nullptr) for an absent or empty one."""
-    return g.ptr() if g is not None and g.n else None
+def emulated(tmp_path_factory) -> dict[str, EmulatedLibrary]:
+    return build_emulations(tmp_path_factory.mktemp("cuda_emulation_window_attention"),
+                            "driver_window_attention.cpp", [*HEADERS, f"{KERNEL}.h", f"{KERNEL}.cu"],
+                            {f"{KERNEL}.cu": SMALL_LIMITS}, SIGNATURES)
 
 
 # ---------------------------------------------------------------------------
@@ -301,7 +185,7 @@ def strides_array(t: torch.Tensor) -> torch.Tensor:
     return torch.tensor([t.stride(0), *dims, t.stride(-2)], dtype=torch.int64)
 
 
-def geometry(emu: Emulated, case: Case) -> dict[str, object]:
+def geometry(emu: EmulatedLibrary, case: Case) -> dict[str, object]:
     geo, res = geometry_array(case), torch.zeros(16, dtype=torch.int64)
     emu.lib.wa_geometry(geo.data_ptr(), res.data_ptr())
     r = res.tolist()
@@ -341,13 +225,13 @@ class TokenMaps:
                 assert_unchanged(b, self.inputs[n], n)
 
 
-def workspace(emu: Emulated, case: Case) -> list[int]:
+def workspace(emu: EmulatedLibrary, case: Case) -> list[int]:
     geo, res = geometry_array(case), torch.zeros(3, dtype=torch.int64)
     assert emu.lib.wa_workspace(DTYPE_CODE[case.dtype], geo.data_ptr(), res.data_ptr()) == 0
     return res.tolist()
 
 
-def emulated_forward(emu: Emulated, case: Case, inputs):
+def emulated_forward(emu: EmulatedLibrary, case: Case, inputs):
     geo = geometry_array(case)
     maps = TokenMaps(inputs)
     params = [guarded_input(inputs[n]) for n in ("table", "pad_key", "pad_value")]
@@ -364,7 +248,7 @@ def emulated_forward(emu: Emulated, case: Case, inputs):
     return out.t, lse.t
 
 
-def emulated_backward(emu: Emulated, case: Case, inputs, out, lse):
+def emulated_backward(emu: EmulatedLibrary, case: Case, inputs, out, lse):
     geo = geometry_array(case)
     delta_n, grad_q_acc_n, partials = workspace(emu, case)
     acc = ACC_DTYPE[case.dtype]
@@ -444,7 +328,7 @@ def assert_close(got, expected, dtype, what):
     torch.testing.assert_close(got.double(), expected, **TOLERANCE[dtype], msg=lambda m: f"{what}: {m}")
 
 
-def run_case(emu: Emulated, case: Case, seed: int):
+def run_case(emu: EmulatedLibrary, case: Case, seed: int):
     inputs = make_inputs(case, seed)
     emu.lib.emu_reset(seed)
     out64, grads64 = reference_forward_backward(case, inputs)

@@ -531,8 +531,13 @@ __global__ void __launch_bounds__(kThreads) window_attention_backward_kernel(
 
 dim3 grid_for(int64_t blocks) { return dim3(static_cast<unsigned>(min64(blocks < 1 ? 1 : blocks, kMaxGridX))); }
 
+}  // namespace
+}  // namespace window_attention_detail
+
+// The launchers of window_attention_kernel.h.
+
 template <typename scalar_t>
-WindowAttentionWorkspace workspace(const core::WindowGeometry& g) {
+WindowAttentionWorkspace window_attention_workspace(const core::WindowGeometry& g) {
   WindowAttentionWorkspace ws;
   const int64_t rows = g.batch * g.size[0] * g.size[1] * g.size[2] * g.heads;
   ws.delta_elements = rows;
@@ -542,10 +547,13 @@ WindowAttentionWorkspace workspace(const core::WindowGeometry& g) {
 }
 
 template <typename scalar_t>
-cudaError_t forward(const core::WindowGeometry& g, const scalar_t* q, const WindowTokenStrides& qs, const scalar_t* k,
-                    const WindowTokenStrides& ks, const scalar_t* v, const WindowTokenStrides& vs,
-                    const scalar_t* table, const scalar_t* pad_key, const scalar_t* pad_value, double scale,
-                    scalar_t* out, acc_type<scalar_t>* lse, cudaStream_t stream) {
+cudaError_t launch_window_attention_forward(const core::WindowGeometry& g, const scalar_t* q,
+                                            const WindowTokenStrides& qs, const scalar_t* k,
+                                            const WindowTokenStrides& ks, const scalar_t* v,
+                                            const WindowTokenStrides& vs, const scalar_t* table,
+                                            const scalar_t* pad_key, const scalar_t* pad_value, double scale,
+                                            scalar_t* out, acc_type<scalar_t>* lse, cudaStream_t stream) {
+  using namespace window_attention_detail;
   using acc_t = acc_type<scalar_t>;
   if (g.batch == 0) return cudaSuccess;
   const int64_t items = g.batch * g.windows * g.heads * ceil_div(g.tokens, Tiles<acc_t>::queries);
@@ -555,14 +563,15 @@ cudaError_t forward(const core::WindowGeometry& g, const scalar_t* q, const Wind
 }
 
 template <typename scalar_t>
-cudaError_t backward(const core::WindowGeometry& g, const scalar_t* grad_out, const WindowTokenStrides& gos,
-                     const scalar_t* q, const WindowTokenStrides& qs, const scalar_t* k, const WindowTokenStrides& ks,
-                     const scalar_t* v, const WindowTokenStrides& vs, const scalar_t* out,
-                     const WindowTokenStrides& outs, const acc_type<scalar_t>* lse, const scalar_t* table,
-                     const scalar_t* pad_key, const scalar_t* pad_value, double scale, scalar_t* grad_q,
-                     scalar_t* grad_k, scalar_t* grad_v, acc_type<scalar_t>* table_partial,
-                     acc_type<scalar_t>* pad_key_partial, acc_type<scalar_t>* pad_value_partial,
-                     acc_type<scalar_t>* delta, acc_type<scalar_t>* grad_q_acc, cudaStream_t stream) {
+cudaError_t launch_window_attention_backward(
+    const core::WindowGeometry& g, const scalar_t* grad_out, const WindowTokenStrides& gos, const scalar_t* q,
+    const WindowTokenStrides& qs, const scalar_t* k, const WindowTokenStrides& ks, const scalar_t* v,
+    const WindowTokenStrides& vs, const scalar_t* out, const WindowTokenStrides& outs,
+    const acc_type<scalar_t>* lse, const scalar_t* table, const scalar_t* pad_key, const scalar_t* pad_value,
+    double scale, scalar_t* grad_q, scalar_t* grad_k, scalar_t* grad_v, acc_type<scalar_t>* table_partial,
+    acc_type<scalar_t>* pad_key_partial, acc_type<scalar_t>* pad_value_partial, acc_type<scalar_t>* delta,
+    acc_type<scalar_t>* grad_q_acc, cudaStream_t stream) {
+  using namespace window_attention_detail;
   using acc_t = acc_type<scalar_t>;
   if (g.batch == 0) return cudaSuccess;
   const int64_t rows = g.batch * g.size[0] * g.size[1] * g.size[2] * g.heads;
@@ -574,41 +583,6 @@ cudaError_t backward(const core::WindowGeometry& g, const scalar_t* grad_out, co
       g, grad_out, gos, q, qs, k, ks, v, vs, lse, delta, table, pad_key, pad_value, static_cast<acc_t>(scale),
       grad_q, grad_k, grad_v, grad_q_acc, table_partial, pad_key_partial, pad_value_partial);
   return cudaGetLastError();
-}
-
-}  // namespace
-}  // namespace window_attention_detail
-
-template <typename scalar_t>
-WindowAttentionWorkspace window_attention_workspace(const core::WindowGeometry& geometry) {
-  return window_attention_detail::workspace<scalar_t>(geometry);
-}
-
-template <typename scalar_t>
-cudaError_t launch_window_attention_forward(const core::WindowGeometry& geometry, const scalar_t* q,
-                                            const WindowTokenStrides& q_strides, const scalar_t* k,
-                                            const WindowTokenStrides& k_strides, const scalar_t* v,
-                                            const WindowTokenStrides& v_strides, const scalar_t* table,
-                                            const scalar_t* pad_key, const scalar_t* pad_value, double scale,
-                                            scalar_t* out, acc_type<scalar_t>* lse, cudaStream_t stream) {
-  return window_attention_detail::forward(geometry, q, q_strides, k, k_strides, v, v_strides, table, pad_key,
-                                          pad_value, scale, out, lse, stream);
-}
-
-template <typename scalar_t>
-cudaError_t launch_window_attention_backward(
-    const core::WindowGeometry& geometry, const scalar_t* grad_out, const WindowTokenStrides& grad_out_strides,
-    const scalar_t* q, const WindowTokenStrides& q_strides, const scalar_t* k, const WindowTokenStrides& k_strides,
-    const scalar_t* v, const WindowTokenStrides& v_strides, const scalar_t* out,
-    const WindowTokenStrides& out_strides, const acc_type<scalar_t>* lse, const scalar_t* table,
-    const scalar_t* pad_key, const scalar_t* pad_value, double scale, scalar_t* grad_q, scalar_t* grad_k,
-    scalar_t* grad_v, acc_type<scalar_t>* grad_table_partial, acc_type<scalar_t>* grad_pad_key_partial,
-    acc_type<scalar_t>* grad_pad_value_partial, acc_type<scalar_t>* delta, acc_type<scalar_t>* grad_q_acc,
-    cudaStream_t stream) {
-  return window_attention_detail::backward(geometry, grad_out, grad_out_strides, q, q_strides, k, k_strides, v,
-                                           v_strides, out, out_strides, lse, table, pad_key, pad_value, scale,
-                                           grad_q, grad_k, grad_v, grad_table_partial, grad_pad_key_partial,
-                                           grad_pad_value_partial, delta, grad_q_acc, stream);
 }
 
 #define MEDMTL_INSTANTIATE_WINDOW_ATTENTION(T)                                                                  \

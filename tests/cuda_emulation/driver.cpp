@@ -19,10 +19,10 @@
 // mirrors those in Python); no device memory, no streams (all on the host,
 // synchronously); see cuda_emu.h for what the emulation leaves out.
 #include "cuda_emu.h"
+// emu_reset, emu_error, emu_log; EMU_EXPORT, EMU_DISPATCH.
+#include "driver_common.h"
 // The kernels under test (the rewritten copy; on the include path).
 #include "multiscale_pool_kernel.cu"
-
-#define EMU_EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace {
 
@@ -101,15 +101,6 @@ __global__ void selftest_missing_sync(int64_t* out) {
 
 }  // namespace
 
-EMU_EXPORT void emu_reset(uint64_t seed) {
-  emu::rng().seed(seed);
-  emu::pending_error() = cudaSuccess;
-  emu::error_message().clear();
-  emu::launch_log().clear();
-}
-
-EMU_EXPORT const char* emu_error() { return emu::error_message().c_str(); }
-EMU_EXPORT const char* emu_log() { return emu::launch_log().c_str(); }
 EMU_EXPORT uint64_t emu_blocks_run() { return emu::blocks_run(); }
 
 // res: partials_per_plane, argmax_elements, grad_elements.
@@ -122,18 +113,12 @@ EMU_EXPORT void emu_workspace(const int64_t* g, const int64_t* sizes, const int6
   res[2] = ws.grad_elements;
 }
 
-// dtype: 0 float, 1 double, 2 __half, 3 __nv_bfloat16.
+// dtype: see EMU_DISPATCH.
 EMU_EXPORT int emu_forward(int dtype, const int64_t* g, const int64_t* sizes,
                            const int64_t* size_offset, const void* x, const void* scale,
                            const void* shift, int relu, int is_max, void* out) {
   const MultiscalePoolLevel l = make_level(g, sizes, size_offset);
-  switch (dtype) {
-    case 0: return forward<float>(l, x, scale, shift, relu, is_max, out);
-    case 1: return forward<double>(l, x, scale, shift, relu, is_max, out);
-    case 2: return forward<__half>(l, x, scale, shift, relu, is_max, out);
-    case 3: return forward<__nv_bfloat16>(l, x, scale, shift, relu, is_max, out);
-    default: return -1;
-  }
+  EMU_DISPATCH(dtype, forward, l, x, scale, shift, relu, is_max, out)
 }
 
 EMU_EXPORT int emu_backward(int dtype, const int64_t* g, const int64_t* sizes,
@@ -142,18 +127,8 @@ EMU_EXPORT int emu_backward(int dtype, const int64_t* g, const int64_t* sizes,
                             void* grad_x, void* grad_scale_partial, void* grad_shift_partial,
                             void* argmax, void* grad_scratch) {
   const MultiscalePoolLevel l = make_level(g, sizes, size_offset);
-  switch (dtype) {
-    case 0: return backward<float>(l, grad_output, x, scale, shift, relu, is_max, grad_x,
-                                   grad_scale_partial, grad_shift_partial, argmax, grad_scratch);
-    case 1: return backward<double>(l, grad_output, x, scale, shift, relu, is_max, grad_x,
-                                    grad_scale_partial, grad_shift_partial, argmax, grad_scratch);
-    case 2: return backward<__half>(l, grad_output, x, scale, shift, relu, is_max, grad_x,
-                                    grad_scale_partial, grad_shift_partial, argmax, grad_scratch);
-    case 3: return backward<__nv_bfloat16>(l, grad_output, x, scale, shift, relu, is_max, grad_x,
-                                           grad_scale_partial, grad_shift_partial, argmax,
-                                           grad_scratch);
-    default: return -1;
-  }
+  EMU_DISPATCH(dtype, backward, l, grad_output, x, scale, shift, relu, is_max, grad_x,
+               grad_scale_partial, grad_shift_partial, argmax, grad_scratch)
 }
 
 // which: 0 block sum on a (3, 2) grid of 96 threads (out: 6 values),

@@ -20,11 +20,11 @@
 // dtype dispatch and final sums of the partials (the test mirrors those in
 // Python); see cuda_emu.h for what the emulation leaves out.
 #include "cuda_emu.h"
+// emu_reset, emu_error, emu_log; EMU_EXPORT, EMU_DISPATCH.
+#include "driver_common.h"
 // The kernels under test (the rewritten copies; on the include path).
 #include "multi_dilation_conv_kernel.cu"
 #include "spatial_attention_kernel.cu"
-
-#define EMU_EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace {
 
@@ -96,26 +96,6 @@ int run_sa_backward(const SpatialAttentionDims& s, const void* grad_output, cons
 }
 
 }  // namespace
-
-// dtype: 0 float, 1 double, 2 __half, 3 __nv_bfloat16.
-#define EMU_DISPATCH(dtype, fn, ...)                       \
-  switch (dtype) {                                         \
-    case 0: return fn<float>(__VA_ARGS__);                 \
-    case 1: return fn<double>(__VA_ARGS__);                \
-    case 2: return fn<__half>(__VA_ARGS__);                \
-    case 3: return fn<__nv_bfloat16>(__VA_ARGS__);         \
-    default: return -1;                                    \
-  }
-
-EMU_EXPORT void emu_reset(uint64_t seed) {
-  emu::rng().seed(seed);
-  emu::pending_error() = cudaSuccess;
-  emu::error_message().clear();
-  emu::launch_log().clear();
-}
-
-EMU_EXPORT const char* emu_error() { return emu::error_message().c_str(); }
-EMU_EXPORT const char* emu_log() { return emu::launch_log().c_str(); }
 
 // res: forward_acc_elements grad_x_acc_elements grad_pre_elements weight_partials bias_partials
 EMU_EXPORT void mdc_workspace(const int64_t* d, const int64_t* dilations, int relu, int64_t* res) {

@@ -20,10 +20,10 @@
 // and the final sums of the partials (the test mirrors those in Python); see
 // cuda_emu.h for what the emulation leaves out.
 #include "cuda_emu.h"
+// emu_reset, emu_error, emu_log; EMU_EXPORT, EMU_DISPATCH.
+#include "driver_common.h"
 // The kernels under test (the rewritten copy; on the include path).
 #include "window_attention_kernel.cu"
-
-#define EMU_EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace {
 
@@ -82,26 +82,6 @@ int run_backward(const core::WindowGeometry& g, const void* grad_out, const int6
 }
 
 }  // namespace
-
-// dtype: 0 float, 1 double, 2 __half, 3 __nv_bfloat16.
-#define EMU_DISPATCH(dtype, fn, ...)               \
-  switch (dtype) {                                 \
-    case 0: return fn<float>(__VA_ARGS__);         \
-    case 1: return fn<double>(__VA_ARGS__);        \
-    case 2: return fn<__half>(__VA_ARGS__);        \
-    case 3: return fn<__nv_bfloat16>(__VA_ARGS__); \
-    default: return -1;                            \
-  }
-
-EMU_EXPORT void emu_reset(uint64_t seed) {
-  emu::rng().seed(seed);
-  emu::pending_error() = cudaSuccess;
-  emu::error_message().clear();
-  emu::launch_log().clear();
-}
-
-EMU_EXPORT const char* emu_error() { return emu::error_message().c_str(); }
-EMU_EXPORT const char* emu_log() { return emu::launch_log().c_str(); }
 
 // geo (12 int64 in, see make_geometry) -> res: tokens windows table_rows masked
 // window[3] shift[3] padded[3] count[3]: the geometry the kernels get.

@@ -10,12 +10,9 @@
 
 namespace medmtl {
 
-// Element strides of a token map (B, [D,] H, W, heads, head_dim) whose
-// head_dim is contiguous; 2-D maps get a depth stride of 0.
-struct TokenStrides {
-  int64_t batch = 0, dim[core::kWindowDims] = {0, 0, 0}, head = 0;
-};
+using core::TokenStrides;
 
+// t's strides (t's head_dim contiguous); 2-D maps get a depth stride of 0.
 inline TokenStrides token_strides(const at::Tensor& t) {
   TokenStrides s;
   const int64_t nd = t.dim() - 3;

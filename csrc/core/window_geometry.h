@@ -38,6 +38,12 @@ struct WindowGeometry {
   bool masked = false;         // any t > 0
 };
 
+// Element strides of a token map (B, [D,] H, W, heads, head_dim) whose
+// head_dim is contiguous (depth first; 0 for the depth of a 2-D map).
+struct TokenStrides {
+  int64_t batch = 0, dim[kWindowDims] = {0, 0, 0}, head = 0;
+};
+
 // size, window_cfg, shift_cfg: three entries each (depth first; 2-D callers
 // pass 1, 1, 0 for the depth). Callers have checked 1 <= W and 0 <= s < W.
 inline WindowGeometry window_geometry(int64_t batch, const int64_t* size, int64_t heads, int64_t head_dim,

@@ -23,14 +23,6 @@ void check_cuda(const char* op, const char* name, const at::Tensor& t, const at:
               t.device());
 }
 
-cuda::WindowTokenStrides strides_of(const at::Tensor& t) {
-  const TokenStrides s = token_strides(t);
-  cuda::WindowTokenStrides out;
-  out.batch = s.batch;
-  for (int d = 0; d < core::kWindowDims; ++d) out.dim[d] = s.dim[d];
-  out.head = s.head;
-  return out;
-}
 
 at::ScalarType lse_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -55,9 +47,9 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cuda(const at::Tensor& q_in,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "window_attention_cuda", [&] {
     using acc_t = cuda::acc_type<cuda_scalar_t<scalar_t>>;
     C10_CUDA_CHECK(cuda::launch_window_attention_forward(
-        g, device_ptr<scalar_t>(q), strides_of(q), device_ptr<scalar_t>(k), strides_of(k), device_ptr<scalar_t>(v),
-        strides_of(v), device_ptr<scalar_t>(table), device_ptr<scalar_t>(pad_key), device_ptr<scalar_t>(pad_value),
-        scale, device_mutable_ptr<scalar_t>(out), lse.mutable_data_ptr<acc_t>(), stream));
+        g, device_ptr<scalar_t>(q), token_strides(q), device_ptr<scalar_t>(k), token_strides(k),
+        device_ptr<scalar_t>(v), token_strides(v), device_ptr<scalar_t>(table), device_ptr<scalar_t>(pad_key),
+        device_ptr<scalar_t>(pad_value), scale, device_mutable_ptr<scalar_t>(out), lse.mutable_data_ptr<acc_t>(), stream));
   });
   return {out, lse};
 }
@@ -95,9 +87,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor delta = at::empty({ws.delta_elements}, acc_options);
     at::Tensor grad_q_acc = at::empty({ws.grad_q_acc_elements}, acc_options);
     C10_CUDA_CHECK(cuda::launch_window_attention_backward(
-        g, device_ptr<scalar_t>(grad_out), strides_of(grad_out), device_ptr<scalar_t>(q), strides_of(q),
-        device_ptr<scalar_t>(k), strides_of(k), device_ptr<scalar_t>(v), strides_of(v), device_ptr<scalar_t>(out),
-        strides_of(out), lse.const_data_ptr<acc_t>(), device_ptr<scalar_t>(table), device_ptr<scalar_t>(pad_key),
+        g, device_ptr<scalar_t>(grad_out), token_strides(grad_out), device_ptr<scalar_t>(q), token_strides(q),
+        device_ptr<scalar_t>(k), token_strides(k), device_ptr<scalar_t>(v), token_strides(v), device_ptr<scalar_t>(out),
+        token_strides(out), lse.const_data_ptr<acc_t>(), device_ptr<scalar_t>(table), device_ptr<scalar_t>(pad_key),
         device_ptr<scalar_t>(pad_value), scale, device_mutable_ptr<scalar_t>(grad_q),
         device_mutable_ptr<scalar_t>(grad_k), device_mutable_ptr<scalar_t>(grad_v), scratch_ptr<acc_t>(table_partial),
         scratch_ptr<acc_t>(pad_key_partial), scratch_ptr<acc_t>(pad_value_partial), scratch_ptr<acc_t>(delta),

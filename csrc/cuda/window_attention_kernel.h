@@ -29,11 +29,8 @@
 namespace medmtl {
 namespace cuda {
 
-// Element strides of a token map whose head_dim is contiguous (depth first;
-// 0 for the depth of a 2-D map).
-struct WindowTokenStrides {
-  int64_t batch = 0, dim[core::kWindowDims] = {0, 0, 0}, head = 0;
-};
+// Token map strides: core::TokenStrides (csrc/core/window_geometry.h).
+using WindowTokenStrides = core::TokenStrides;
 
 // Scratch buffers of the backward (element counts, acc_type; 0 = pass
 // nullptr), and the partials it writes:

@@ -132,6 +132,63 @@ at::Tensor multi_dilation_conv_cpu(const at::Tensor& x_in, const at::Tensor& wei
   return out;
 }
 
+// Maps of at most this many pixels take the per-tap backward for a single
+// dilated branch: oneDNN's convolution backward reorders the weight and its
+// gradient through buffers of the weight's size (the training peak at 512
+// channels on 14x14), and on these maps the per-tap GEMMs are as fast.
+constexpr int64_t kTapBackwardPixels = 32 * 32;
+// ... and whose off-centre taps read the map on less than this fraction of
+// their positions (dilation 12 on 14x14: 8%; 18 on 28x28: 24%); denser
+// branches are faster through oneDNN.
+constexpr double kTapBackwardFraction = 0.3;
+
+// The fraction of the off-centre tap positions of a branch that read the map.
+double off_centre_fraction(int64_t dilation, int64_t H, int64_t W) {
+  int64_t read = 0;
+  for (int64_t ky = 0; ky < 3; ++ky)
+    for (int64_t kx = 0; kx < 3; ++kx) {
+      if ((ky == 1 && kx == 1) || !core::tap_exists(ky, kx, dilation)) continue;
+      const int64_t dy = core::tap_shift(ky, dilation), dx = core::tap_shift(kx, dilation);
+      read += (core::tap_output_end(dy, H) - core::tap_output_begin(dy, H)) *
+              (core::tap_output_end(dx, W) - core::tap_output_begin(dx, W));
+    }
+  return static_cast<double>(read) / (8.0 * H * W);
+}
+
+// Where a tap reads the map: output rows [y0, y1) and columns [x0, x1) read
+// input rows y + dy and columns x + dx.
+struct TapRect {
+  int64_t y0, y1, x0, x1, dy, dx;
+};
+
+// t's rectangle r, at input (shifted) or output positions, as (C, B * h * w).
+at::Tensor tap_columns(const at::Tensor& t, const TapRect& r, bool shifted) {
+  const int64_t oy = shifted ? r.dy : 0, ox = shifted ? r.dx : 0;
+  return t.slice(2, r.y0 + oy, r.y1 + oy).slice(3, r.x0 + ox, r.x1 + ox).transpose(0, 1).reshape({t.size(1), -1});
+}
+
+// For every tap of a 3x3 branch at `dilation` that reads the map:
+// grad_weight[:, :, ky, kx] = G_r X_r^T and grad_x (shifted r) += W_tap^T G_r,
+// with G_r, X_r the gradient and input over the tap's rectangle.
+void add_tap_gradients_(const at::Tensor& grad_pre, const at::Tensor& x, const at::Tensor& weight, int64_t dilation,
+                        at::Tensor& grad_x, at::Tensor grad_weight) {
+  const int64_t H = x.size(2), W = x.size(3), B = x.size(0);
+  for (int64_t ky = 0; ky < 3; ++ky)
+    for (int64_t kx = 0; kx < 3; ++kx) {
+      if (!core::tap_exists(ky, kx, dilation)) continue;
+      const int64_t dy = core::tap_shift(ky, dilation), dx = core::tap_shift(kx, dilation);
+      const TapRect r{core::tap_output_begin(dy, H), core::tap_output_end(dy, H), core::tap_output_begin(dx, W),
+                      core::tap_output_end(dx, W), dy, dx};
+      if (r.y0 >= r.y1 || r.x0 >= r.x1) continue;  // reads only padding: zero gradient
+      const at::Tensor g = tap_columns(grad_pre, r, false);
+      grad_weight.select(2, ky).select(2, kx).copy_(at::mm(g, tap_columns(x, r, true).t()));
+      const at::Tensor gx = at::mm(weight.select(2, ky).select(2, kx).t(), g);
+      grad_x.slice(2, r.y0 + dy, r.y1 + dy)
+          .slice(3, r.x0 + dx, r.x1 + dx)
+          .add_(gx.view({x.size(1), B, r.y1 - r.y0, r.x1 - r.x0}).transpose(0, 1));
+    }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_dilation_conv_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& x_in, const at::Tensor& weight, at::IntArrayRef dilations,
     const at::Tensor& output, c10::string_view combine, bool relu) {
@@ -144,8 +201,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_dilation_conv_backward_cpu(
   const at::Tensor grad_pre =
       (relu ? grad_output.masked_fill(output.le(0), 0) : grad_output).contiguous();
   const at::Tensor grad_bias = grad_pre.sum({0, 2, 3});
-  at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
   const BranchPlan plan = plan_branches(dilations, H, W);
+  if (plan.full.size() == 1 && dilations.size() == 1 && H * W <= kTapBackwardPixels &&
+      off_centre_fraction(dilations[0], H, W) < kTapBackwardFraction) {
+    // One dilated branch on a small map: per-tap GEMMs over the rectangles
+    // where each tap reads the map, straight into grad_weight.
+    at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
+    at::Tensor grad_x = at::zeros(x.sizes(), x.options());
+    add_tap_gradients_(grad_pre, x, weight.select(0, 0), dilations[0], grad_x, grad_weight.select(0, 0));
+    return {grad_x, grad_weight, grad_bias};
+  }
+  if (plan.full.size() == 1 && dilations.size() == 1) {
+    // One dilated branch (the layer's train mode calls one per branch): its
+    // convolution's gradients as they are, without a weight-sized copy.
+    const int64_t d = dilations[0];
+    auto [gx, gw, unused] = at::convolution_backward(grad_pre, x, weight.select(0, 0), std::nullopt, {1, 1}, {d, d},
+                                                     {d, d}, false, {0, 0}, 1, {true, true, false});
+    return {gx, gw.unsqueeze(0), grad_bias};
+  }
+  at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
   // Branch i's output gradient: all of it for "sum", its slice for "concat".
   auto grad_of = [&](int64_t i) { return shape.concat ? grad_pre.narrow(1, i * cout, cout) : grad_pre; };
   at::Tensor grad_x;

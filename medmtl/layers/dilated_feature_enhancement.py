@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from medmtl.layers._batch_norm import batch_norm_as_affine
 from medmtl.ops.multi_dilation_conv import multi_dilation_conv
 from medmtl.ops.spatial_attention import spatial_attention
 
@@ -107,7 +108,15 @@ class DilatedFeatureEnhancement(nn.Module):
 
     def _sum_train(self, x: torch.Tensor) -> torch.Tensor:
         raw = self._branch_convolutions(x, with_pointwise=False)
-        total = sum(branch[3](branch[2](branch[1](r))) for branch, r in zip(self.branches, raw))
+        total = None
+        for (_, bn1, pointwise, bn2), r in zip(self.branches, raw):
+            # bn1 folded into the 1x1 convolution, with bn1's batch statistics:
+            # P (r * s + t) = (P diag(s)) r + P t, so bn1's output is never stored.
+            scale, shift = batch_norm_as_affine(bn1, r)
+            mix = pointwise.weight[:, :, 0, 0]
+            z = nn.functional.conv2d(r, (mix * scale.to(r.dtype))[:, :, None, None], mix @ shift.to(r.dtype))
+            y = bn2(z)
+            total = y if total is None else total + y
         return torch.relu(total)
 
     def _concat_train(self, x: torch.Tensor) -> torch.Tensor:

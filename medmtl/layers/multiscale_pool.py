@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from medmtl.layers._batch_norm import batch_norm_as_affine
 from medmtl.ops.multiscale_pool import check_pool_options, multiscale_pool
 
 _BATCH_NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -74,7 +75,7 @@ class MultiScalePool(nn.Module):
                                  f"{', '.join('*' * self.spatial_dims)}), got {got}")
         scale = shift = None
         if self.norms is not None:
-            affine = [_batch_norm_as_affine(norm, x) for norm, x in zip(self.norms, features)]
+            affine = [batch_norm_as_affine(norm, x) for norm, x in zip(self.norms, features)]
             scale = [a[0].to(x.dtype) for a, x in zip(affine, features)]
             shift = [a[1].to(x.dtype) for a, x in zip(affine, features)]
         return multiscale_pool(features, self.output_sizes, self.mode, scale, shift, self.activation)
@@ -82,37 +83,3 @@ class MultiScalePool(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, output_sizes={self.output_sizes}, mode={self.mode!r}, "
                 f"activation={self.activation!r}, spatial_dims={self.spatial_dims}")
-
-
-def _batch_norm_as_affine(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor):
-    """(scale, shift) with norm(x) == x * scale + shift per channel.
-
-    Uses the batch statistics where BatchNorm would (training, or no running
-    statistics) and then updates the running statistics as BatchNorm does.
-    """
-    weight = norm.weight if norm.affine else torch.ones(x.shape[1], device=x.device)
-    bias = norm.bias if norm.affine else torch.zeros(x.shape[1], device=x.device)
-    use_batch_stats = norm.training or norm.running_mean is None
-    if use_batch_stats:
-        dims = [0] + list(range(2, x.dim()))
-        count = x.numel() // x.shape[1]
-        if norm.training and count <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                             f"{list(x.shape)}")
-        var, mean = torch.var_mean(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x,
-                                   dim=dims, correction=0)
-        if norm.training and norm.track_running_stats:
-            _update_running_stats(norm, mean.detach(), var.detach() * count / max(count - 1, 1))
-    else:
-        mean, var = norm.running_mean, norm.running_var
-    scale = weight * torch.rsqrt(var + norm.eps)
-    return scale, bias - mean * scale
-
-
-@torch.no_grad()
-def _update_running_stats(norm: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, unbiased_var: torch.Tensor):
-    # BatchNorm's rule: momentum None means a cumulative average over batches.
-    norm.num_batches_tracked.add_(1)
-    factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-    norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
-    norm.running_var.lerp_(unbiased_var.to(norm.running_var.dtype), factor)

@@ -116,8 +116,9 @@ class DilatedFeatureEnhancement(nn.Module):
             mix = pointwise.weight[:, :, 0, 0]
             z = nn.functional.conv2d(r, (mix * scale.to(r.dtype))[:, :, None, None], mix @ shift.to(r.dtype))
             y = bn2(z)
-            total = y if total is None else total + y
-        return torch.relu(total)
+            # In place: no backward needs bn2's output or the running sum.
+            total = y if total is None else total.add_(y)
+        return torch.relu_(total)
 
     def _concat_train(self, x: torch.Tensor) -> torch.Tensor:
         raw = self._branch_convolutions(x, with_pointwise=True)

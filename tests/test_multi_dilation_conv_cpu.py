@@ -51,7 +51,7 @@ def _compare_conv(x, weight, dilations, bias, combine, activation, atol, rtol):
 @pytest.mark.parametrize("activation", [None, "relu"])
 @pytest.mark.parametrize("with_bias", [True, False])
 # The CPU kernel's paths: on 14x14, dilations 6 and 12 are convolutions and 18
-# is centre-only; maps of 96x96 pixels and more are convolved channels-last; a
+# is centre-only; maps of 40x40 pixels and more are convolved channels-last; a
 # single sparse branch on a small map (12 on 14x14, 18 on 28x28) takes the
 # per-tap backward, a single denser one (4 on 13x9) oneDNN's backward as is.
 @pytest.mark.parametrize("hw,dilations", [((14, 14), [6, 12, 18]), ((5, 7), [0, 1, 2]), ((1, 1), [6, 12, 18]),

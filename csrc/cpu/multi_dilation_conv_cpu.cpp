@@ -60,9 +60,9 @@ at::Tensor branch_convolution(const at::Tensor& x, const at::Tensor& weight, int
 }
 
 // Maps of at least this many pixels are convolved channels-last: oneDNN's
-// NCHW path reorders large maps on every call (measured 1.8x slower for
-// 64 channels at 112x112, on par at 56x56 and below, slower at 14x14).
-constexpr int64_t kChannelsLastPixels = 96 * 96;
+// NCHW path reorders large maps on every call (measured 2-3x slower for 64
+// channels at 112x112 and 1.2-2x for 128 at 56x56; on par at 28x28).
+constexpr int64_t kChannelsLastPixels = 40 * 40;
 
 // y = act(acc + bias), in place, one pass over each (b, c) plane.
 void bias_activation_(at::Tensor& acc, const std::optional<at::Tensor>& bias, bool relu) {

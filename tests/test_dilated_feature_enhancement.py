@@ -96,6 +96,16 @@ def test_non_contiguous_input_float32(layout, training):
     _compare(layer, plain, x, "cpu", training, dict(atol=1e-4, rtol=1e-4))
 
 
+@pytest.mark.parametrize("offset", [0.0, 20.0])
+def test_sum_training_float32_with_offset_input(offset):
+    """The sum variant's training path takes bn2's statistics from the branch
+    outputs' channel moments (E[r r^T] - mean mean^T): still BatchNorm's answer
+    in float32 when the input has a large mean against its spread."""
+    layer, plain = _layer(6, 5, (2, 6, 18), "sum", dtype=torch.float32)
+    x = (torch.randn(2, 6, 28, 28) * 0.5 + offset).requires_grad_()
+    _compare(layer, plain, x, "cpu", True, dict(atol=2e-4, rtol=2e-4))
+
+
 def test_state_dict_moves_both_ways():
     layer, _ = _layer(4, 6, (6, 12), "sum")
     keys = set(layer.state_dict())

@@ -1,16 +1,20 @@
 // CPU kernels of medmtl::multi_dilation_conv: parallel dilated 3x3
 // convolutions of one input, combined by sum or concatenation.
 //
-// A branch whose off-centre taps all read padding (a 1x1 branch, or a
+// Forward: a branch whose off-centre taps all read padding (a 1x1 branch, or a
 // dilation at least the map's size: e.g. 18 on the 14x14 maps of ResFormerMTL)
 // is a 1x1 convolution; all such branches' centre weights go into one GEMM
 // over the map (summed for "sum", stacked for "concat"). Every other branch is
-// one ATen convolution (oneDNN), which on the CPU beats per-tap GEMMs and
-// handles the partly-padded taps itself; oneDNN does not skip a tap that reads
-// only padding, which is where the centre-only path saves the most. On large
-// maps the convolutions run channels-last (kChannelsLastPixels), and their
-// sum is laid out NCHW once. The epilogue adds the bias and applies the ReLU
-// in one pass.
+// one ATen convolution (oneDNN), which handles the partly-padded taps itself
+// and was measured faster than per-tap GEMMs over the in-map rectangles even
+// for sparse branches. On large maps the convolutions run channels-last
+// (kChannelsLastPixels), and their sum is laid out NCHW once. The epilogue
+// adds the bias and applies the ReLU in one pass.
+//
+// Backward: the centre GEMM's gradients are GEMMs; a single sparse branch on a
+// small map takes per-tap GEMMs straight into grad_weight (oneDNN's backward
+// goes through weight-sized reorder buffers); other branches take ATen's
+// convolution backward.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -59,6 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
+from medmtl.ops._layout import laid_out_like, output_memory_format
+
 # Pixel tile of every convolution kernel: TILE_H x TILE_W pixels, the M (or K) dimension of tl.dot.
 TILE_H = 8
 TILE_W = 8
@@ -355,6 +357,7 @@ def multi_dilation_conv_forward(
     Returns:
         (B, Cout, H, W) for "sum", (B, n * Cout, H, W) for "concat", in x's dtype.
     """
+    out_format = output_memory_format(x)
     x = x.contiguous()
     B, Cin, H, W = x.shape
     n, Cout = weight.shape[:2]
@@ -363,7 +366,7 @@ def multi_dilation_conv_forward(
     C_total = n * Cout if concat else Cout
     out = torch.empty((B, C_total, H, W), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
-        return out
+        return out.contiguous(memory_format=out_format)
     w = _tap_major(weight.to(x.dtype))
     dil = _dilations(dilations, x.device)
     bias_arg = bias.contiguous() if bias is not None else out   # dummy, never read
@@ -378,7 +381,7 @@ def multi_dilation_conv_forward(
             ACC_DTYPE=_tl_acc_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype),
             TILE_H=TILE_H, TILE_W=TILE_W, BLOCK_CI=BLOCK_CI, BLOCK_CO=BLOCK_CO,
         )
-    return out
+    return out.contiguous(memory_format=out_format)   # the kernel writes NCHW
 
 
 def multi_dilation_conv_backward(
@@ -397,6 +400,7 @@ def multi_dilation_conv_backward(
         branches), grad_bias (Cout,) for "sum" / (n * Cout,) for "concat": the sum of
         the pre-activation's gradient over batch and pixels), in x's dtype.
     """
+    x_in, weight_in = x, weight
     x = x.contiguous()
     B, Cin, H, W = x.shape
     n, Cout = weight.shape[:2]
@@ -410,7 +414,7 @@ def multi_dilation_conv_backward(
     dil = _dilations(dilations, device)
     P = H * W
     if B * P == 0:
-        return torch.zeros_like(x), torch.zeros_like(weight), torch.zeros(C_total, dtype=dtype, device=device)
+        return torch.zeros_like(x_in), torch.zeros_like(weight_in), torch.zeros(C_total, dtype=dtype, device=device)
     acc_tl, precision = _tl_acc_dtype(dtype), _input_precision(dtype)
     tiles_w = triton.cdiv(W, TILE_W)
     tiles_hw = triton.cdiv(H, TILE_H) * tiles_w
@@ -443,7 +447,7 @@ def multi_dilation_conv_backward(
     # deterministic reductions of the per-program partials
     grad_weight = part_w.sum(0).permute(0, 4, 3, 1, 2).to(dtype).contiguous()
     grad_bias = part_bias.view(B, C_total, prep_blocks).sum(dim=(0, 2)).to(dtype)
-    return grad_x, grad_weight, grad_bias
+    return laid_out_like(grad_x, x_in), laid_out_like(grad_weight, weight_in), grad_bias
 
 
 # --------------------------------------------------------------------------

@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from medmtl.ops._layout import laid_out_like
+
 POOL_BLOCK = 256
 GATE_BLOCK = 256
 APPLY_BLOCK = 1024
@@ -290,20 +292,20 @@ def spatial_attention_forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Te
     Returns:
         x * sigmoid(conv2d(cat(mean_c x, max_c x), weight, padding=K // 2)), (B, C, H, W), x's dtype.
     """
-    x = x.contiguous()
+    x_in, x = x, x.contiguous()
     weight = weight.to(x.dtype).contiguous()
     B, C, H, W = x.shape
     P = H * W
     out = torch.empty_like(x)
     if x.numel() == 0:
-        return out
+        return torch.empty_like(x_in)
     with _device_guard(x.device):
         _, _, gate = _pool_and_gate(x, weight, store_arg=False)
         apply_blocks = triton.cdiv(P, APPLY_BLOCK)
         spatial_attention_apply_kernel[(B * C * apply_blocks,)](
             x, gate, out, C, P, apply_blocks, BLOCK=APPLY_BLOCK,
         )
-    return out
+    return laid_out_like(out, x_in)   # the kernels write NCHW
 
 
 def spatial_attention_backward(
@@ -318,7 +320,7 @@ def spatial_attention_backward(
     Returns:
         (grad_x like x, grad_weight (1, 2, K, K)), in x's dtype.
     """
-    x = x.contiguous()
+    x_in, weight_in, x = x, weight, x.contiguous()
     dtype = x.dtype
     weight = weight.to(dtype).contiguous()
     grad_output = grad_output.to(dtype).contiguous()
@@ -326,7 +328,7 @@ def spatial_attention_backward(
     K = weight.shape[-1]
     P = H * W
     if x.numel() == 0:
-        return torch.zeros_like(x), torch.zeros_like(weight)
+        return torch.zeros_like(x_in), torch.zeros_like(weight_in)
     acc_dtype = _acc_dtype(dtype)
     with _device_guard(x.device):
         pooled, arg, gate = _pool_and_gate(x, weight, store_arg=True)
@@ -348,7 +350,7 @@ def spatial_attention_backward(
         )
     # deterministic reduction of the per-program partials
     grad_weight = part_w.sum(0).view(1, 2, K, K).to(dtype)
-    return grad_x, grad_weight
+    return laid_out_like(grad_x, x_in), laid_out_like(grad_weight, weight_in)
 
 
 # --------------------------------------------------------------------------

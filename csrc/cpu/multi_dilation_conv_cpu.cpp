@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "../core/dilated_taps.h"
+#include "../layout.h"
 #include "../multi_dilation_conv_checks.h"
 
 namespace medmtl {
@@ -68,40 +69,61 @@ at::Tensor branch_convolution(const at::Tensor& x, const at::Tensor& weight, int
 // channels at 112x112 and 1.2-2x for 128 at 56x56; on par at 28x28).
 constexpr int64_t kChannelsLastPixels = 40 * 40;
 
-// y = act(acc + bias), in place, one pass over each (b, c) plane.
+// y = act(acc + bias), in place; acc is NCHW or channels-last contiguous.
 void bias_activation_(at::Tensor& acc, const std::optional<at::Tensor>& bias, bool relu) {
   if (!bias.has_value() && !relu) return;
   const int64_t B = acc.size(0), C = acc.size(1), plane = acc.size(2) * acc.size(3);
+  const bool channels_last = is_channels_last(acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, acc.scalar_type(), "multi_dilation_conv_epilogue", [&] {
     scalar_t* data = acc.data_ptr<scalar_t>();
     const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
     const scalar_t* bias_data = bias.has_value() ? b.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const scalar_t shift = bias_data != nullptr ? bias_data[p % C] : scalar_t(0);
-        scalar_t* v = data + p * plane;
-        if (relu) {
-          for (int64_t i = 0; i < plane; ++i) {
-            const scalar_t y = v[i] + shift;
-            v[i] = y < scalar_t(0) ? scalar_t(0) : y;
-          }
-        } else {
-          for (int64_t i = 0; i < plane; ++i) v[i] = v[i] + shift;
+    // v[i] = act(v[i] + shift(i)) over n values.
+    auto apply = [&](scalar_t* v, int64_t n, auto shift) {
+      if (relu) {
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t y = v[i] + shift(i);
+          v[i] = y < scalar_t(0) ? scalar_t(0) : y;
         }
+      } else {
+        for (int64_t i = 0; i < n; ++i) v[i] = v[i] + shift(i);
       }
-    });
+    };
+    if (channels_last) {
+      // One row of C channels per pixel.
+      at::parallel_for(0, B * plane, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p)
+          apply(data + p * C, C, [&](int64_t c) { return bias_data != nullptr ? bias_data[c] : scalar_t(0); });
+      });
+    } else {
+      // One plane per (b, c).
+      at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+          const scalar_t shift = bias_data != nullptr ? bias_data[p % C] : scalar_t(0);
+          apply(data + p * plane, plane, [&](int64_t) { return shift; });
+        }
+      });
+    }
   });
+}
+
+// The layout the dilated convolutions run in: channels-last on large maps, or
+// when x already is (then nothing is converted).
+bool convolve_channels_last(const at::Tensor& x) {
+  return x.size(2) * x.size(3) >= kChannelsLastPixels || is_channels_last(x);
 }
 
 at::Tensor multi_dilation_conv_cpu(const at::Tensor& x_in, const at::Tensor& weight, at::IntArrayRef dilations,
                                    const std::optional<at::Tensor>& bias, c10::string_view combine, bool relu) {
   const MultiDilationConvShape shape = check_multi_dilation_conv_inputs(x_in, weight, dilations, bias, combine);
-  const at::Tensor x = x_in.contiguous();
   const int64_t B = shape.batch, H = shape.height, W = shape.width, cout = shape.out_channels;
   const BranchPlan plan = plan_branches(dilations, H, W);
-  // The input of the dilated convolutions (channels-last on large maps).
-  const at::Tensor x_conv = H * W >= kChannelsLastPixels && !plan.full.empty()
-                                ? x_in.contiguous(at::MemoryFormat::ChannelsLast) : x;
+  // The input of the dilated convolutions, and (only when a centre GEMM needs
+  // it) of the GEMM, NCHW.
+  const at::Tensor x_conv = x_in.contiguous(convolve_channels_last(x_in) ? at::MemoryFormat::ChannelsLast
+                                                                         : at::MemoryFormat::Contiguous);
+  const at::Tensor x = plan.centre.empty() ? x_conv : x_in.contiguous();
+  const at::MemoryFormat out_format = output_format(x_in);
   at::Tensor out;
   if (!shape.concat) {
     // Sum: the centre-only branches in one GEMM, then each dilated branch
@@ -119,10 +141,16 @@ at::Tensor multi_dilation_conv_cpu(const at::Tensor& x_in, const at::Tensor& wei
       else
         out = out.defined() ? out.add_(y) : y;
     }
-    if (channels_last.defined()) out = out.defined() ? out.add_(channels_last) : channels_last.contiguous();
+    if (channels_last.defined()) {
+      if (out_format == at::MemoryFormat::ChannelsLast)
+        out = out.defined() ? channels_last.add_(out) : channels_last;
+      else
+        out = out.defined() ? out.add_(channels_last) : channels_last.contiguous();
+    }
+    out = out.contiguous(out_format);
   } else {
     // Concat: each branch into its slice of the output.
-    out = at::empty({B, shape.output_channels(), H, W}, x.options());
+    out = at::empty({B, shape.output_channels(), H, W}, x.options().memory_format(out_format));
     if (!plan.centre.empty()) {
       const at::Tensor z = at::matmul(centre_weight(weight, plan.centre, true), x.view({B, -1, H * W}))
                                .view({B, -1, H, W});
@@ -193,35 +221,47 @@ void add_tap_gradients_(const at::Tensor& grad_pre, const at::Tensor& x, const a
     }
 }
 
+// ATen's convolution backward of one dilated branch, (grad_x, grad_weight).
+// On large maps it runs channels-last (oneDNN's NCHW backward was 1.4-4x
+// slower at 56x56 and 112x112).
+std::tuple<at::Tensor, at::Tensor> branch_convolution_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                               const at::Tensor& weight, int64_t dilation) {
+  const bool channels_last = convolve_channels_last(x);
+  const at::MemoryFormat format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const int64_t d = dilation;
+  auto [gx, gw, unused] = at::convolution_backward(grad.contiguous(format), x.contiguous(format),
+                                                   weight.contiguous(format), std::nullopt, {1, 1}, {d, d}, {d, d},
+                                                   false, {0, 0}, 1, {true, true, false});
+  return {gx, gw};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_dilation_conv_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& x_in, const at::Tensor& weight, at::IntArrayRef dilations,
     const at::Tensor& output, c10::string_view combine, bool relu) {
   const MultiDilationConvShape shape = check_multi_dilation_conv_inputs(x_in, weight, dilations, std::nullopt, combine);
   check_multi_dilation_conv_backward_inputs(grad_output, output, shape, x_in);
-  const at::Tensor x = x_in.contiguous();
   const int64_t B = shape.batch, H = shape.height, W = shape.width, cout = shape.out_channels;
   // Gradient of the pre-activation: torch.relu's backward zeroes it where the
   // output <= 0 (and passes it at NaN).
-  const at::Tensor grad_pre =
-      (relu ? grad_output.masked_fill(output.le(0), 0) : grad_output).contiguous();
+  const at::Tensor grad_pre = relu ? grad_output.masked_fill(output.le(0), 0) : grad_output;
   const at::Tensor grad_bias = grad_pre.sum({0, 2, 3});
   const BranchPlan plan = plan_branches(dilations, H, W);
+  // The gradients come back laid out as empty_like(x) and empty_like(weight).
   if (plan.full.size() == 1 && dilations.size() == 1 && H * W <= kTapBackwardPixels &&
       off_centre_fraction(dilations[0], H, W) < kTapBackwardFraction) {
     // One dilated branch on a small map: per-tap GEMMs over the rectangles
     // where each tap reads the map, straight into grad_weight.
+    const at::Tensor x = x_in.contiguous();
     at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
     at::Tensor grad_x = at::zeros(x.sizes(), x.options());
     add_tap_gradients_(grad_pre, x, weight.select(0, 0), dilations[0], grad_x, grad_weight.select(0, 0));
-    return {grad_x, grad_weight, grad_bias};
+    return {laid_out_like(grad_x, x_in), laid_out_like(grad_weight, weight), grad_bias};
   }
   if (plan.full.size() == 1 && dilations.size() == 1) {
     // One dilated branch (the layer's train mode calls one per branch): its
     // convolution's gradients as they are, without a weight-sized copy.
-    const int64_t d = dilations[0];
-    auto [gx, gw, unused] = at::convolution_backward(grad_pre, x, weight.select(0, 0), std::nullopt, {1, 1}, {d, d},
-                                                     {d, d}, false, {0, 0}, 1, {true, true, false});
-    return {gx, gw.unsqueeze(0), grad_bias};
+    auto [gx, gw] = branch_convolution_backward(grad_pre, x_in, weight.select(0, 0), dilations[0]);
+    return {laid_out_like(gx, x_in), laid_out_like(gw.unsqueeze(0), weight), grad_bias};
   }
   at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
   // Branch i's output gradient: all of it for "sum", its slice for "concat".
@@ -229,6 +269,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_dilation_conv_backward_cpu(
   at::Tensor grad_x;
   if (!plan.centre.empty()) {
     // The centre GEMM's gradients: dW = sum_b G_b X_b^T, dX = W^T G.
+    const at::Tensor x = x_in.contiguous();
     std::vector<at::Tensor> parts;
     for (int64_t i : plan.centre) parts.push_back(grad_of(i));
     const at::Tensor g = (shape.concat ? at::cat(parts, 1) : parts[0]).contiguous().view({B, -1, H * W});
@@ -239,14 +280,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_dilation_conv_backward_cpu(
     }
     grad_x = at::matmul(centre_weight(weight, plan.centre, shape.concat).t(), g).view({B, -1, H, W});
   }
+  // The dilated branches' input, converted once for all of them.
+  const at::Tensor x_conv = x_in.contiguous(convolve_channels_last(x_in) ? at::MemoryFormat::ChannelsLast
+                                                                         : at::MemoryFormat::Contiguous);
   for (int64_t i : plan.full) {
-    const int64_t d = dilations[i];
-    auto [gx, gw, unused] = at::convolution_backward(grad_of(i), x, weight.select(0, i), std::nullopt, {1, 1}, {d, d},
-                                                     {d, d}, false, {0, 0}, 1, {true, true, false});
+    auto [gx, gw] = branch_convolution_backward(grad_of(i), x_conv, weight.select(0, i), dilations[i]);
     grad_weight.select(0, i).copy_(gw);
     grad_x = grad_x.defined() ? grad_x.add_(gx) : gx;
   }
-  return {grad_x, grad_weight, grad_bias};
+  return {laid_out_like(grad_x, x_in), laid_out_like(grad_weight, weight), grad_bias};
 }
 
 }  // namespace

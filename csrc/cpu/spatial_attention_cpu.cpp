@@ -11,6 +11,7 @@
 
 #include <cmath>
 
+#include "../layout.h"
 #include "../spatial_attention_checks.h"
 
 namespace medmtl {
@@ -21,6 +22,7 @@ constexpr int64_t kPixelBlock = 256;  // pixels per task: each task walks the ch
 // The channel mean and max of every pixel, the first maximal channel, and
 // (when grad_output is given) sum_c grad_output * x. pooled is (B, 2, H, W)
 // in x's dtype, argmax (B, H, W) int64, grad_gate (B, H, W) in x's dtype.
+// x (and grad_output, in x's layout) is NCHW or channels-last contiguous.
 void reduce_channels(const at::Tensor& x, const at::Tensor* grad_output, at::Tensor& pooled, at::Tensor& argmax,
                      at::Tensor* grad_gate) {
   const int64_t B = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
@@ -32,6 +34,31 @@ void reduce_channels(const at::Tensor& x, const at::Tensor* grad_output, at::Ten
     scalar_t* pd = pooled.data_ptr<scalar_t>();
     int64_t* ad = argmax.data_ptr<int64_t>();
     scalar_t* gg = grad_gate != nullptr ? grad_gate->data_ptr<scalar_t>() : nullptr;
+    if (is_channels_last(x)) {
+      // Channels-last: each pixel's channels are one contiguous row.
+      at::parallel_for(0, B * P, kPixelBlock, [&](int64_t begin, int64_t end) {
+        for (int64_t q = begin; q < end; ++q) {
+          const int64_t b = q / P, p = q % P;
+          const scalar_t* row = xd + q * C;
+          acc_t sum = 0, best = -std::numeric_limits<acc_t>::infinity(), dot = 0;
+          int64_t best_c = 0;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t v = static_cast<acc_t>(row[c]);
+            sum += v;
+            const bool takes = v > best || (std::isnan(v) && !std::isnan(best));
+            best = takes ? v : best;
+            best_c = takes ? c : best_c;
+          }
+          if (gd != nullptr)
+            for (int64_t c = 0; c < C; ++c) dot += static_cast<acc_t>(gd[q * C + c]) * static_cast<acc_t>(row[c]);
+          pd[(b * 2) * P + p] = static_cast<scalar_t>(sum / acc_t(C));
+          pd[(b * 2 + 1) * P + p] = static_cast<scalar_t>(best);
+          ad[q] = best_c;
+          if (gg != nullptr) gg[q] = static_cast<scalar_t>(dot);
+        }
+      });
+      return;
+    }
     at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
       acc_t sum[kPixelBlock], best[kPixelBlock], dot[kPixelBlock];
       int64_t best_c[kPixelBlock];
@@ -76,7 +103,7 @@ at::Tensor gate_of(const at::Tensor& pooled, const at::Tensor& weight) {
 
 at::Tensor spatial_attention_cpu(const at::Tensor& x_in, const at::Tensor& weight) {
   check_spatial_attention_inputs(x_in, weight);
-  const at::Tensor x = x_in.contiguous();
+  const at::Tensor x = x_in.contiguous(output_format(x_in));
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   at::Tensor pooled = at::empty({B, 2, H, W}, x.options());
   at::Tensor argmax = at::empty({B, H, W}, x.options().dtype(at::kLong));
@@ -88,6 +115,13 @@ at::Tensor spatial_attention_cpu(const at::Tensor& x_in, const at::Tensor& weigh
     const scalar_t* xd = x.data_ptr<scalar_t>();
     const scalar_t* gd = gate.data_ptr<scalar_t>();
     scalar_t* od = out.data_ptr<scalar_t>();
+    if (is_channels_last(x)) {
+      at::parallel_for(0, B * P, kPixelBlock, [&](int64_t begin, int64_t end) {
+        for (int64_t q = begin; q < end; ++q)
+          for (int64_t c = 0; c < C; ++c) od[q * C + c] = xd[q * C + c] * gd[q];
+      });
+      return;
+    }
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         const scalar_t* g = gd + (plane / C) * P;
@@ -95,14 +129,15 @@ at::Tensor spatial_attention_cpu(const at::Tensor& x_in, const at::Tensor& weigh
       }
     });
   });
-  return out;
+  return laid_out_like(out, x_in);
 }
 
 std::tuple<at::Tensor, at::Tensor> spatial_attention_backward_cpu(const at::Tensor& grad_output_in,
                                                                    const at::Tensor& x_in, const at::Tensor& weight) {
   check_spatial_attention_inputs(x_in, weight);
   check_spatial_attention_backward_inputs(grad_output_in, x_in);
-  const at::Tensor x = x_in.contiguous(), grad_output = grad_output_in.contiguous();
+  const at::MemoryFormat format = output_format(x_in);
+  const at::Tensor x = x_in.contiguous(format), grad_output = grad_output_in.contiguous(format);
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W;
   at::Tensor pooled = at::empty({B, 2, H, W}, x.options());
   at::Tensor argmax = at::empty({B, H, W}, x.options().dtype(at::kLong));
@@ -123,6 +158,21 @@ std::tuple<at::Tensor, at::Tensor> spatial_attention_backward_cpu(const at::Tens
     const scalar_t* gpd = gp.data_ptr<scalar_t>();
     const int64_t* ad = argmax.data_ptr<int64_t>();
     scalar_t* gx = grad_x.data_ptr<scalar_t>();
+    if (is_channels_last(x)) {
+      at::parallel_for(0, B * P, kPixelBlock, [&](int64_t begin, int64_t end) {
+        for (int64_t q = begin; q < end; ++q) {
+          const int64_t b = q / P, p = q % P;
+          const acc_t g = static_cast<acc_t>(gated[q]);
+          const acc_t from_mean = static_cast<acc_t>(gpd[(b * 2) * P + p]) / acc_t(C);
+          const acc_t from_max = static_cast<acc_t>(gpd[(b * 2 + 1) * P + p]);
+          const int64_t best = ad[q];
+          for (int64_t c = 0; c < C; ++c)
+            gx[q * C + c] = static_cast<scalar_t>(static_cast<acc_t>(god[q * C + c]) * g + from_mean +
+                                                  (c == best ? from_max : acc_t(0)));
+        }
+      });
+      return;
+    }
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t b = plane / C, c = plane % C;
@@ -139,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor> spatial_attention_backward_cpu(const at::Tens
       }
     });
   });
-  return {grad_x, grad_weight};
+  return {laid_out_like(grad_x, x_in), laid_out_like(grad_weight, weight)};
 }
 
 }  // namespace

@@ -54,7 +54,7 @@ at::Tensor multi_dilation_conv_cuda(const at::Tensor& x_in, const at::Tensor& we
   check_sizes("multi_dilation_conv", shape);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   at::Tensor out = at::empty({shape.batch, shape.output_channels(), shape.height, shape.width}, x_in.options());
-  if (shape.batch == 0) return out;
+  if (shape.batch == 0) return out.contiguous(output_format(x_in));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor x = x_in.contiguous(), w = packed_weight(weight);
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -67,7 +67,7 @@ at::Tensor multi_dilation_conv_cuda(const at::Tensor& x_in, const at::Tensor& we
         dims, device_ptr<scalar_t>(x), device_ptr<scalar_t>(w), device_ptr<scalar_t>(b), relu,
         device_mutable_ptr<scalar_t>(out), scratch_ptr<acc_t>(acc), stream));
   });
-  return out;
+  return out.contiguous(output_format(x_in));  // the kernels write NCHW
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_dilation_conv_backward_cuda(

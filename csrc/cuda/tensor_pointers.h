@@ -6,6 +6,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "../layout.h"
+
 namespace medmtl {
 
 // The CUDA type of an ATen scalar type (same size and layout).
@@ -42,12 +44,6 @@ cuda_scalar_t<scalar_t>* device_mutable_ptr(at::Tensor& t) {
 template <typename T>
 T* scratch_ptr(at::Tensor& t) {
   return t.numel() > 0 ? t.mutable_data_ptr<T>() : nullptr;
-}
-
-// t (contiguous) in the memory format of `like`, as the fake kernels' empty_like gives.
-inline at::Tensor laid_out_like(const at::Tensor& t, const at::Tensor& like) {
-  if (like.is_contiguous()) return t;
-  return at::empty_like(like).copy_(t);
 }
 
 }  // namespace medmtl

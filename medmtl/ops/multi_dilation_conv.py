@@ -19,6 +19,7 @@ import torch
 
 from medmtl._extension import extension_loaded
 from medmtl.ops import reference
+from medmtl.ops._layout import output_memory_format
 from medmtl.ops._registration import check_like, check_tensor
 from medmtl.ops.backends import register_op, resolve_backend
 
@@ -53,6 +54,19 @@ def multi_dilation_conv(
         return reference.multi_dilation_conv(x, weight, dilations, bias, combine, relu)
     op = torch.ops.medmtl.multi_dilation_conv_triton if chosen == "triton" else torch.ops.medmtl.multi_dilation_conv
     return op(x, weight, dilations, bias, combine, relu)
+
+
+# Maps of at least this many pixels are convolved channels-last by the cpu
+# backend (kChannelsLastPixels in csrc/cpu/multi_dilation_conv_cpu.cpp).
+CPU_CHANNELS_LAST_PIXELS = 40 * 40
+
+
+def prefers_channels_last(x: torch.Tensor) -> bool:
+    """Whether the backend that would run multi_dilation_conv on x convolves it
+    channels-last. A layer that runs several ops on x then converts it once and
+    stays channels-last (every op keeps x's layout) instead of converting per call."""
+    return (resolve_backend(OP_NAME, x.device) == "cpu" and x.dim() == 4
+            and x.shape[-2] * x.shape[-1] >= CPU_CHANNELS_LAST_PIXELS)
 
 
 def _check_inputs(x, weight, dilations, bias, combine, activation) -> list[int]:
@@ -94,7 +108,8 @@ def _check_inputs(x, weight, dilations, bias, combine, activation) -> list[int]:
 
 def _fake_forward(x, weight, dilations, bias, combine, relu):
     channels = weight.shape[1] * (weight.shape[0] if combine == "concat" else 1)
-    return x.new_empty((x.shape[0], channels, x.shape[2], x.shape[3]))
+    out = x.new_empty((x.shape[0], channels, x.shape[2], x.shape[3]))
+    return out.contiguous(memory_format=output_memory_format(x))
 
 
 def _fake_backward(grad_output, x, weight, dilations, output, combine, relu):
@@ -112,7 +127,7 @@ def _make_backward(backward_op):
     def backward(ctx, grad_output):
         dilations, combine, relu, has_bias = ctx.config
         x, weight, output = ctx.saved_tensors
-        grad_output = grad_output.contiguous()
+        grad_output = grad_output.contiguous(memory_format=output_memory_format(x))
         grad_x, grad_weight, grad_bias = backward_op(grad_output, x, weight, dilations,
                                                      output if relu else grad_output, combine, relu)
         return grad_x, grad_weight, None, grad_bias if has_bias else None, None, None

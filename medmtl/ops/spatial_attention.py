@@ -11,6 +11,7 @@ import torch
 
 from medmtl._extension import extension_loaded
 from medmtl.ops import reference
+from medmtl.ops._layout import output_memory_format
 from medmtl.ops._registration import check_like, check_tensor
 from medmtl.ops.backends import register_op, resolve_backend
 
@@ -59,7 +60,7 @@ def _setup_context(ctx, inputs, output):
 def _make_backward(backward_op):
     def backward(ctx, grad_output):
         x, weight = ctx.saved_tensors
-        return backward_op(grad_output.contiguous(), x, weight)
+        return backward_op(grad_output.contiguous(memory_format=output_memory_format(x)), x, weight)
 
     return backward
 

@@ -1,0 +1,124 @@
+"""The CPU ops keep the layouts their fake kernels promise (medmtl/ops/_layout.py):
+multi_dilation_conv's output is channels-last when x is, spatial_attention's is
+laid out as x, and every input gradient as torch.empty_like(input). Eager and
+torch.compile then see the same strides, and channels-last models are never
+converted back and forth."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import medmtl
+from medmtl.ops import multi_dilation_conv, spatial_attention
+from tests.conftest import requires_extension
+
+pytestmark = requires_extension
+
+LAYOUTS = ["contiguous", "channels_last", "sliced_channels_last", "permuted"]
+
+
+def _x(shape, layout, dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    B, C, H, W = shape
+    if layout == "contiguous":
+        x = torch.randn(shape, generator=g, dtype=dtype)
+    elif layout == "channels_last":
+        x = torch.randn(shape, generator=g, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced_channels_last":
+        x = torch.randn(B, C, H, W + 3, generator=g, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)[..., 1:W + 1]
+    else:  # dense, but neither NCHW nor NHWC
+        x = torch.randn(W, B, H, C, generator=g, dtype=dtype).permute(1, 3, 2, 0)
+    assert x.shape == shape
+    return x.requires_grad_()
+
+
+def _assert_laid_out_like(t, like, what):
+    expected = torch.empty_like(like)
+    assert t.stride() == expected.stride(), f"{what}: strides {t.stride()}, empty_like gives {expected.stride()}"
+
+
+def _run(fn, params, backend):
+    with medmtl.backend(backend):
+        out = fn(*params)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
+    return out, torch.autograd.grad(out, params, grad)
+
+
+# 7x6 takes the NCHW path, 41x40 the channels-last convolutions; dilation 50
+# is centre-only there (a GEMM), 0 a 1x1 branch.
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("hw,dilations", [((7, 6), [1, 3]), ((41, 40), [2, 7]), ((41, 40), [0, 3, 50]),
+                                          ((41, 40), [5])])
+@pytest.mark.parametrize("combine", ["sum", "concat"])
+def test_multi_dilation_conv_layouts(layout, hw, dilations, combine):
+    x = _x((2, 3, *hw), layout)
+    g = torch.Generator().manual_seed(1)
+    weight = (torch.randn(len(dilations), 4, 3, 3, 3, generator=g, dtype=x.dtype) / 3).requires_grad_()
+    bias = torch.randn(4 * (len(dilations) if combine == "concat" else 1), generator=g,
+                       dtype=x.dtype).requires_grad_()
+
+    def fn(x, w, b):
+        return multi_dilation_conv(x, w, dilations, b, combine, "relu")
+
+    out, grads = _run(fn, (x, weight, bias), "cpu")
+    expected_out, expected_grads = _run(fn, (x, weight, bias), "reference")
+    channels_last = layout == "channels_last"
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(out, expected_out, atol=1e-10, rtol=1e-10)
+    for got, expected, like, name in zip(grads, expected_grads, (x, weight, bias), ("x", "weight", "bias")):
+        _assert_laid_out_like(got, like, f"grad of {name}")
+        torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_spatial_attention_layouts(layout):
+    x = _x((2, 5, 9, 8), layout)
+    weight = (torch.randn(1, 2, 7, 7, dtype=x.dtype, generator=torch.Generator().manual_seed(1)) / 7)
+    weight = weight.requires_grad_()
+    out, grads = _run(spatial_attention, (x, weight), "cpu")
+    expected_out, expected_grads = _run(spatial_attention, (x, weight), "reference")
+    _assert_laid_out_like(out, x, "output")
+    torch.testing.assert_close(out, expected_out, atol=1e-12, rtol=1e-12)
+    for got, expected, like in zip(grads, expected_grads, (x, weight)):
+        _assert_laid_out_like(got, like, "gradient")
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_channels_last_max_ties_take_the_first_channel():
+    """Channels-last spatial attention routes the max's gradient to the first maximal
+    channel, as torch.max does."""
+    x = torch.zeros(1, 4, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.ones(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    out, grads = _run(spatial_attention, (x, weight), "cpu")
+    expected_out, expected_grads = _run(spatial_attention, (x, weight), "reference")
+    torch.testing.assert_close(out, expected_out)
+    torch.testing.assert_close(grads[0], expected_grads[0])
+
+
+@pytest.mark.parametrize("hw", [(5, 6), (41, 40)])
+def test_opcheck_channels_last(hw):
+    x = _x((1, 3, *hw), "channels_last")
+    weight = (torch.randn(2, 4, 3, 3, 3, dtype=x.dtype) / 3).requires_grad_()
+    torch.library.opcheck(torch.ops.medmtl.multi_dilation_conv.default, (x, weight, [1, 2], None, "sum", True))
+    torch.library.opcheck(torch.ops.medmtl.multi_dilation_conv.default, (x, weight, [0, 4], None, "concat", False))
+    gate = (torch.randn(1, 2, 7, 7, dtype=x.dtype) / 7).requires_grad_()
+    torch.library.opcheck(torch.ops.medmtl.spatial_attention.default, (x, gate))
+
+
+def test_compiled_channels_last_matches_eager():
+    x = _x((2, 3, 41, 40), "channels_last")
+    weight = (torch.randn(2, 4, 3, 3, 3, dtype=x.dtype) / 3).requires_grad_()
+    gate = (torch.randn(1, 2, 7, 7, dtype=x.dtype) / 7).requires_grad_()
+
+    def fn(x, w, a):
+        return spatial_attention(multi_dilation_conv(x, w, [2, 6], None, "sum", "relu"), a).square().sum()
+
+    with medmtl.backend("cpu"):
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        got = torch.autograd.grad(compiled(x, weight, gate), (x, weight, gate))
+        expected = torch.autograd.grad(fn(x, weight, gate), (x, weight, gate))
+    for a, b in zip(got, expected):
+        assert a.stride() == b.stride()
+        torch.testing.assert_close(a, b)

@@ -96,11 +96,40 @@ def test_non_contiguous_input_float32(layout, training):
     _compare(layer, plain, x, "cpu", training, dict(atol=1e-4, rtol=1e-4))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("variant", ["sum", "concat"])
+def test_large_map_runs_channels_last_and_returns_the_input_layout(layout, training, variant):
+    """From 40x40 the cpu layer converts x to channels-last once and runs every
+    op there; the output comes back in x's layout, with the plain modules' values."""
+    layer, plain = _layer(3, 4, (6, 12, 18), variant)
+    x = torch.randn(2, 3, 41, 40, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    with medmtl.backend("cpu"):
+        out = copy.deepcopy(layer).train(training)(x)
+    expected_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=expected_format)
+    _compare(layer, plain, x, "cpu", training, F64)
+
+
+def test_large_map_compiles_channels_last():
+    layer, plain = _layer(3, 3, (2, 9), "sum")
+    x = torch.randn(2, 3, 40, 41, dtype=torch.float64, requires_grad=True)
+    with medmtl.backend("cpu"):
+        got = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+        (grad,) = torch.autograd.grad(got.square().sum(), x)
+    expected = plain(x)
+    torch.testing.assert_close(got, expected, **F64)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected.square().sum(), x)[0], **F64)
+
+
 @pytest.mark.parametrize("offset", [0.0, 20.0])
 def test_sum_training_float32_with_offset_input(offset):
-    """The sum variant's training path takes bn2's statistics from the branch
-    outputs' channel moments (E[r r^T] - mean mean^T): still BatchNorm's answer
-    in float32 when the input has a large mean against its spread."""
+    """The sum variant's training path folds bn1 into the 1x1 convolution with
+    bn1's batch statistics: still BatchNorm's answer in float32 when the input
+    has a large mean against its spread."""
     layer, plain = _layer(6, 5, (2, 6, 18), "sum", dtype=torch.float32)
     x = (torch.randn(2, 6, 28, 28) * 0.5 + offset).requires_grad_()
     _compare(layer, plain, x, "cpu", True, dict(atol=2e-4, rtol=2e-4))

@@ -11,30 +11,57 @@ def batch_norm_as_affine(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor)
 
     Uses the batch statistics where BatchNorm would (training, or no running
     statistics) and then updates the running statistics as BatchNorm does.
+    Gradients flow into x through the batch statistics, and into norm's weight
+    and bias.
     """
     weight = norm.weight if norm.affine else torch.ones(x.shape[1], device=x.device)
     bias = norm.bias if norm.affine else torch.zeros(x.shape[1], device=x.device)
     use_batch_stats = norm.training or norm.running_mean is None
     if use_batch_stats:
-        dims = [0] + list(range(2, x.dim()))
         count = x.numel() // x.shape[1]
         if norm.training and count <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                              f"{list(x.shape)}")
-        var, mean = torch.var_mean(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x,
-                                   dim=dims, correction=0)
-        if norm.training and norm.track_running_stats:
-            update_running_stats(norm, mean.detach(), var.detach() * count / max(count - 1, 1))
+        update = norm.training and norm.track_running_stats
+        factor = 0.0
+        if update:
+            # BatchNorm's rule: momentum None means a cumulative average over batches.
+            norm.num_batches_tracked.add_(1)
+            factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+        mean, invstd = _BatchMoments.apply(x, norm.eps, norm.running_mean if update else None,
+                                           norm.running_var if update else None, factor)
     else:
-        mean, var = norm.running_mean, norm.running_var
-    scale = weight * torch.rsqrt(var + norm.eps)
+        mean, invstd = norm.running_mean, torch.rsqrt(norm.running_var + norm.eps)
+    scale = weight * invstd
     return scale, bias - mean * scale
 
 
-@torch.no_grad()
-def update_running_stats(norm: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, unbiased_var: torch.Tensor):
-    # BatchNorm's rule: momentum None means a cumulative average over batches.
-    norm.num_batches_tracked.add_(1)
-    factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-    norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
-    norm.running_var.lerp_(unbiased_var.to(norm.running_var.dtype), factor)
+class _BatchMoments(torch.autograd.Function):
+    """x (B, C, *) -> (mean, invstd), each (C,): the batch mean and 1 / sqrt(var + eps)
+    over all but the channel dim, in float32 or float64.
+
+    The forward is ATen's batch norm (fast, numerically stable, and it updates
+    running_mean / running_var in place as BatchNorm does); its normalised
+    output is dropped. Only x is saved, which the caller keeps anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, x, eps, running_mean, running_var, momentum):
+        _, mean, invstd = torch.ops.aten.native_batch_norm(x, None, None, running_mean, running_var, True,
+                                                          momentum, eps)
+        ctx.save_for_backward(x, mean, invstd)
+        return mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_invstd):
+        # d mean / dx = 1/N; d invstd / dx = -invstd^3 (x - mean) / N, so
+        # grad_x = (grad_mean - grad_invstd invstd^3 (x - mean)) / N = a + b x per channel.
+        x, mean, invstd = ctx.saved_tensors
+        count = x.numel() // x.shape[1]
+        grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
+        grad_invstd = torch.zeros_like(invstd) if grad_invstd is None else grad_invstd
+        b = -grad_invstd * invstd.pow(3) / count
+        a = grad_mean / count - b * mean
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        grad_x = torch.addcmul(a.view(shape).to(x.dtype), x, b.view(shape).to(x.dtype))
+        return grad_x, None, None, None, None

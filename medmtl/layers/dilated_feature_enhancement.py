@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from medmtl.layers._batch_norm import batch_norm_as_affine
-from medmtl.ops.multi_dilation_conv import multi_dilation_conv
+from medmtl.ops.multi_dilation_conv import multi_dilation_conv, prefers_channels_last
 from medmtl.ops.spatial_attention import spatial_attention
 
 VARIANTS = ("sum", "concat")
@@ -91,11 +91,17 @@ class DilatedFeatureEnhancement(nn.Module):
         """x: (B, in_channels, H, W) -> (B, out_channels, H, W)."""
         self._check_input(x)
         folded = not self.training and all(bn.running_mean is not None for bn in self._norms())
+        # Where the backend convolves channels-last, the whole layer runs
+        # channels-last (BatchNorm, 1x1 convolutions and the ops keep the
+        # layout), so x is converted once rather than at every op.
+        work = x.contiguous(memory_format=torch.channels_last) if prefers_channels_last(x) else x
         if self.variant == "sum":
-            y = self._sum_folded(x) if folded else self._sum_train(x)
+            y = self._sum_folded(work) if folded else self._sum_train(work)
         else:
-            y = self._concat_folded(x) if folded else self._concat_train(x)
-        return spatial_attention(y, self.attention.weight) if self.attention is not None else y
+            y = self._concat_folded(work) if folded else self._concat_train(work)
+        if self.attention is not None:
+            y = spatial_attention(y, self.attention.weight)
+        return y.contiguous() if work is not x and not x.is_contiguous(memory_format=torch.channels_last) else y
 
     # -- train mode: the dilated convolutions as one op, BatchNorm as BatchNorm does
 

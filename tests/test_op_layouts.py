@@ -122,3 +122,32 @@ def test_compiled_channels_last_matches_eager():
     for a, b in zip(got, expected):
         assert a.stride() == b.stride()
         torch.testing.assert_close(a, b)
+
+
+def test_spatial_attention_channels_last_nan_and_inf_match_reference():
+    """A NaN channel makes a pixel's max NaN (torch.max); -inf everywhere keeps the
+    max -inf. The channels-last kernel reduces with lane partials and must agree."""
+    x = torch.randn(1, 20, 4, 5, dtype=torch.float64)
+    x[0, 17, 1, 2] = float("nan")
+    x[0, :, 3, 4] = float("-inf")
+    x[0, 3, 0, 0] = float("inf")
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+    with medmtl.backend("cpu"):
+        got = spatial_attention(x, weight)
+    with medmtl.backend("reference"):
+        expected = spatial_attention(x, weight)
+    torch.testing.assert_close(got, expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 41, 7), (1, 3, 16, 4), (2, 1, 33, 3)])
+def test_contiguous_by_rows(shape):
+    from medmtl.ops._layout import contiguous_by_rows
+
+    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = contiguous_by_rows(x)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, x.detach(), rtol=0, atol=0)
+    grad = torch.randn(shape, dtype=torch.float64)
+    (got,) = torch.autograd.grad(y, x, grad)
+    torch.testing.assert_close(got, grad, rtol=0, atol=0)

@@ -145,9 +145,9 @@ at::Tensor multi_dilation_conv_cpu(const at::Tensor& x_in, const at::Tensor& wei
       if (out_format == at::MemoryFormat::ChannelsLast)
         out = out.defined() ? channels_last.add_(out) : channels_last;
       else
-        out = out.defined() ? out.add_(channels_last) : channels_last.contiguous();
+        out = out.defined() ? out.add_(channels_last) : contiguous_by_rows(channels_last);
     }
-    out = out.contiguous(out_format);
+    out = out_format == at::MemoryFormat::Contiguous ? contiguous_by_rows(out) : out.contiguous(out_format);
   } else {
     // Concat: each branch into its slice of the output.
     out = at::empty({B, shape.output_channels(), H, W}, x.options().memory_format(out_format));

@@ -19,10 +19,67 @@ namespace {
 
 constexpr int64_t kPixelBlock = 256;  // pixels per task: each task walks the channels of its block
 
+template <typename acc_t>
+struct RowReduction {
+  acc_t sum, max, dot;
+  int64_t argmax;
+};
+
+// Sum, max (NaN if any value is NaN) and, when asked, the first maximal (or
+// first NaN) index of row[0, C), and sum_c grow[c] row[c] when grow is given.
+// Lane partials keep the loops vectorizable.
+template <typename scalar_t, typename acc_t>
+RowReduction<acc_t> reduce_row(const scalar_t* row, const scalar_t* grow, int64_t C, bool with_argmax) {
+  constexpr int64_t kLanes = 16;
+  acc_t sum[kLanes], best[kLanes], nan[kLanes], dot[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) {
+    sum[l] = dot[l] = nan[l] = 0;
+    best[l] = -std::numeric_limits<acc_t>::infinity();
+  }
+  int64_t c = 0;
+  for (; c + kLanes <= C; c += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const acc_t v = static_cast<acc_t>(row[c + l]);
+      sum[l] += v;
+      best[l] = v > best[l] ? v : best[l];
+      nan[l] += v != v ? acc_t(1) : acc_t(0);
+    }
+  for (int64_t l = 0; c + l < C; ++l) {
+    const acc_t v = static_cast<acc_t>(row[c + l]);
+    sum[l] += v;
+    best[l] = v > best[l] ? v : best[l];
+    nan[l] += v != v ? acc_t(1) : acc_t(0);
+  }
+  if (grow != nullptr) {
+    for (c = 0; c + kLanes <= C; c += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) dot[l] += static_cast<acc_t>(grow[c + l]) * static_cast<acc_t>(row[c + l]);
+    for (int64_t l = 0; c + l < C; ++l) dot[l] += static_cast<acc_t>(grow[c + l]) * static_cast<acc_t>(row[c + l]);
+  }
+  RowReduction<acc_t> r{0, -std::numeric_limits<acc_t>::infinity(), 0, 0};
+  acc_t nans = 0;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    r.sum += sum[l];
+    r.dot += dot[l];
+    r.max = best[l] > r.max ? best[l] : r.max;
+    nans += nan[l];
+  }
+  if (nans > 0) r.max = std::numeric_limits<acc_t>::quiet_NaN();
+  if (with_argmax) {
+    // torch.max(dim=1): the first maximal channel; a NaN wins.
+    for (c = 0; c < C; ++c) {
+      const acc_t v = static_cast<acc_t>(row[c]);
+      if (nans > 0 ? v != v : v == r.max) break;
+    }
+    r.argmax = c < C ? c : 0;
+  }
+  return r;
+}
+
 // The channel mean and max of every pixel, the first maximal channel, and
 // (when grad_output is given) sum_c grad_output * x. pooled is (B, 2, H, W)
 // in x's dtype, argmax (B, H, W) int64, grad_gate (B, H, W) in x's dtype.
 // x (and grad_output, in x's layout) is NCHW or channels-last contiguous.
+// argmax is filled only when grad_output is given (the backward) or x is NCHW.
 void reduce_channels(const at::Tensor& x, const at::Tensor* grad_output, at::Tensor& pooled, at::Tensor& argmax,
                      at::Tensor* grad_gate) {
   const int64_t B = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
@@ -39,22 +96,12 @@ void reduce_channels(const at::Tensor& x, const at::Tensor* grad_output, at::Ten
       at::parallel_for(0, B * P, kPixelBlock, [&](int64_t begin, int64_t end) {
         for (int64_t q = begin; q < end; ++q) {
           const int64_t b = q / P, p = q % P;
-          const scalar_t* row = xd + q * C;
-          acc_t sum = 0, best = -std::numeric_limits<acc_t>::infinity(), dot = 0;
-          int64_t best_c = 0;
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t v = static_cast<acc_t>(row[c]);
-            sum += v;
-            const bool takes = v > best || (std::isnan(v) && !std::isnan(best));
-            best = takes ? v : best;
-            best_c = takes ? c : best_c;
-          }
-          if (gd != nullptr)
-            for (int64_t c = 0; c < C; ++c) dot += static_cast<acc_t>(gd[q * C + c]) * static_cast<acc_t>(row[c]);
-          pd[(b * 2) * P + p] = static_cast<scalar_t>(sum / acc_t(C));
-          pd[(b * 2 + 1) * P + p] = static_cast<scalar_t>(best);
-          ad[q] = best_c;
-          if (gg != nullptr) gg[q] = static_cast<scalar_t>(dot);
+          const RowReduction<acc_t> r = reduce_row<scalar_t, acc_t>(xd + q * C, gd != nullptr ? gd + q * C : nullptr,
+                                                                   C, gd != nullptr);
+          pd[(b * 2) * P + p] = static_cast<scalar_t>(r.sum / acc_t(C));
+          pd[(b * 2 + 1) * P + p] = static_cast<scalar_t>(r.max);
+          ad[q] = r.argmax;
+          if (gg != nullptr) gg[q] = static_cast<scalar_t>(r.dot);
         }
       });
       return;

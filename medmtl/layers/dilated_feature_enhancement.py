@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from medmtl.layers._batch_norm import batch_norm_as_affine
+from medmtl.ops._layout import contiguous_by_rows
 from medmtl.ops.multi_dilation_conv import multi_dilation_conv, prefers_channels_last
 from medmtl.ops.spatial_attention import spatial_attention
 
@@ -101,7 +102,7 @@ class DilatedFeatureEnhancement(nn.Module):
             y = self._concat_folded(work) if folded else self._concat_train(work)
         if self.attention is not None:
             y = spatial_attention(y, self.attention.weight)
-        return y.contiguous() if work is not x and not x.is_contiguous(memory_format=torch.channels_last) else y
+        return contiguous_by_rows(y) if work is not x and not x.is_contiguous(memory_format=torch.channels_last) else y
 
     # -- train mode: the dilated convolutions as one op, BatchNorm as BatchNorm does
 

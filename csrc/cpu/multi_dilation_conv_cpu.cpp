@@ -17,6 +17,8 @@
 // convolution backward.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -113,6 +115,80 @@ bool convolve_channels_last(const at::Tensor& x) {
   return x.size(2) * x.size(3) >= kChannelsLastPixels || is_channels_last(x);
 }
 
+// oneDNN's fused convolutions, as PyTorch's mkldnn build registers them for
+// Inductor: conv + bias (+ ReLU) into a new tensor, and conv + bias added
+// into an existing one (+ ReLU), so a sum of branches needs no add passes.
+// Absent (nullopt) in builds without oneDNN.
+struct FusedConvolutionOps {
+  std::optional<c10::OperatorHandle> into_new, added_into;
+};
+
+const FusedConvolutionOps& fused_convolution_ops() {
+  static const FusedConvolutionOps ops{
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_convolution_pointwise", ""}),
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_convolution_pointwise_", "binary"})};
+  return ops;
+}
+
+// y = act(conv2d(x, w, bias, padding=d, dilation=d)), or acc += that before
+// the activation (act(acc + conv + bias)) when acc is defined; returns y / acc.
+at::Tensor fused_convolution(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                             int64_t d, bool relu, const at::Tensor& acc) {
+  const FusedConvolutionOps& ops = fused_convolution_ops();
+  const std::vector<int64_t> pad{d, d}, stride{1, 1};
+  torch::jit::Stack stack;
+  if (acc.defined()) stack.emplace_back(acc);
+  stack.emplace_back(x);
+  stack.emplace_back(w);
+  stack.emplace_back(bias);
+  stack.emplace_back(pad);
+  stack.emplace_back(stride);
+  stack.emplace_back(pad);
+  stack.emplace_back(int64_t{1});
+  if (acc.defined()) {
+    stack.emplace_back(std::string("add"));
+    stack.emplace_back(at::Scalar(1.0));
+    stack.emplace_back(relu ? c10::IValue(std::string("relu")) : c10::IValue());
+    stack.emplace_back(c10::List<std::optional<at::Scalar>>());
+    stack.emplace_back(c10::IValue());
+    ops.added_into->callBoxed(&stack);
+  } else {
+    stack.emplace_back(std::string(relu ? "relu" : "none"));
+    stack.emplace_back(c10::List<std::optional<at::Scalar>>());
+    stack.emplace_back(c10::IValue());
+    ops.into_new->callBoxed(&stack);
+  }
+  return stack.back().toTensor();
+}
+
+// Whether the sum of a channels-last x's branches goes through the fused
+// convolutions (float32, and the ops exist).
+bool sums_fused(const at::Tensor& x_conv, const BranchPlan& plan) {
+  const FusedConvolutionOps& ops = fused_convolution_ops();
+  return ops.into_new.has_value() && ops.added_into.has_value() && is_channels_last(x_conv) &&
+         x_conv.scalar_type() == at::kFloat && !plan.full.empty();
+}
+
+// Sum: act(bias + centre GEMM + each dilated branch), channels-last, with the
+// bias, the sum and the ReLU inside oneDNN's convolutions.
+at::Tensor sum_channels_last_fused(const at::Tensor& x_conv, const at::Tensor& weight, at::IntArrayRef dilations,
+                                   const std::optional<at::Tensor>& bias, bool relu, const BranchPlan& plan) {
+  const int64_t B = x_conv.size(0), cin = x_conv.size(1), H = x_conv.size(2), W = x_conv.size(3);
+  at::Tensor acc;
+  if (!plan.centre.empty()) {
+    // The centre GEMM on the (B H W, Cin) pixel rows, already channels-last.
+    const at::Tensor pixels = x_conv.permute({0, 2, 3, 1}).reshape({-1, cin});
+    acc = at::mm(pixels, centre_weight(weight, plan.centre, false).t()).view({B, H, W, -1}).permute({0, 3, 1, 2});
+  }
+  for (size_t k = 0; k < plan.full.size(); ++k) {
+    const int64_t i = plan.full[k];
+    const bool last = k + 1 == plan.full.size();
+    const at::Tensor w = weight.select(0, i).contiguous(at::MemoryFormat::ChannelsLast);
+    acc = fused_convolution(x_conv, w, k == 0 ? bias : std::nullopt, dilations[i], last && relu, acc);
+  }
+  return acc;
+}
+
 at::Tensor multi_dilation_conv_cpu(const at::Tensor& x_in, const at::Tensor& weight, at::IntArrayRef dilations,
                                    const std::optional<at::Tensor>& bias, c10::string_view combine, bool relu) {
   const MultiDilationConvShape shape = check_multi_dilation_conv_inputs(x_in, weight, dilations, bias, combine);
@@ -125,6 +201,10 @@ at::Tensor multi_dilation_conv_cpu(const at::Tensor& x_in, const at::Tensor& wei
   const at::Tensor x = plan.centre.empty() ? x_conv : x_in.contiguous();
   const at::MemoryFormat out_format = output_format(x_in);
   at::Tensor out;
+  if (!shape.concat && sums_fused(x_conv, plan)) {
+    out = sum_channels_last_fused(x_conv, weight, dilations, bias, relu, plan);
+    return out_format == at::MemoryFormat::Contiguous ? contiguous_by_rows(out) : out;
+  }
   if (!shape.concat) {
     // Sum: the centre-only branches in one GEMM, then each dilated branch
     // added (the first result is the accumulator: no zero fill, no copy).

@@ -161,29 +161,36 @@ at::Tensor fused_convolution(const at::Tensor& x, const at::Tensor& w, const std
   return stack.back().toTensor();
 }
 
-// Whether the sum of a channels-last x's branches goes through the fused
-// convolutions (float32, and the ops exist).
+// Whether the sum of x's branches goes through the fused convolutions
+// (float32, and the ops exist).
 bool sums_fused(const at::Tensor& x_conv, const BranchPlan& plan) {
   const FusedConvolutionOps& ops = fused_convolution_ops();
-  return ops.into_new.has_value() && ops.added_into.has_value() && is_channels_last(x_conv) &&
-         x_conv.scalar_type() == at::kFloat && !plan.full.empty();
+  return ops.into_new.has_value() && ops.added_into.has_value() && x_conv.scalar_type() == at::kFloat &&
+         !plan.full.empty() && x_conv.numel() > 0;
 }
 
-// Sum: act(bias + centre GEMM + each dilated branch), channels-last, with the
-// bias, the sum and the ReLU inside oneDNN's convolutions.
-at::Tensor sum_channels_last_fused(const at::Tensor& x_conv, const at::Tensor& weight, at::IntArrayRef dilations,
-                                   const std::optional<at::Tensor>& bias, bool relu, const BranchPlan& plan) {
+// Sum: act(bias + centre GEMM + each dilated branch) in x_conv's layout (NCHW
+// or channels-last), with the bias, the sum and the ReLU inside oneDNN's
+// convolutions.
+at::Tensor sum_fused(const at::Tensor& x_conv, const at::Tensor& weight, at::IntArrayRef dilations,
+                     const std::optional<at::Tensor>& bias, bool relu, const BranchPlan& plan) {
   const int64_t B = x_conv.size(0), cin = x_conv.size(1), H = x_conv.size(2), W = x_conv.size(3);
+  const bool channels_last = is_channels_last(x_conv);
   at::Tensor acc;
   if (!plan.centre.empty()) {
-    // The centre GEMM on the (B H W, Cin) pixel rows, already channels-last.
-    const at::Tensor pixels = x_conv.permute({0, 2, 3, 1}).reshape({-1, cin});
-    acc = at::mm(pixels, centre_weight(weight, plan.centre, false).t()).view({B, H, W, -1}).permute({0, 3, 1, 2});
+    const at::Tensor centre = centre_weight(weight, plan.centre, false);  // (Cout, Cin)
+    if (channels_last)  // on the (B H W, Cin) pixel rows
+      acc = at::mm(x_conv.permute({0, 2, 3, 1}).reshape({-1, cin}), centre.t())
+                .view({B, H, W, -1})
+                .permute({0, 3, 1, 2});
+    else
+      acc = at::matmul(centre, x_conv.view({B, cin, H * W})).view({B, -1, H, W});
   }
+  const at::MemoryFormat format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   for (size_t k = 0; k < plan.full.size(); ++k) {
     const int64_t i = plan.full[k];
     const bool last = k + 1 == plan.full.size();
-    const at::Tensor w = weight.select(0, i).contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor w = weight.select(0, i).contiguous(format);
     acc = fused_convolution(x_conv, w, k == 0 ? bias : std::nullopt, dilations[i], last && relu, acc);
   }
   return acc;
@@ -202,8 +209,8 @@ at::Tensor multi_dilation_conv_cpu(const at::Tensor& x_in, const at::Tensor& wei
   const at::MemoryFormat out_format = output_format(x_in);
   at::Tensor out;
   if (!shape.concat && sums_fused(x_conv, plan)) {
-    out = sum_channels_last_fused(x_conv, weight, dilations, bias, relu, plan);
-    return out_format == at::MemoryFormat::Contiguous ? contiguous_by_rows(out) : out;
+    out = sum_fused(x_conv, weight, dilations, bias, relu, plan);
+    return out_format == at::MemoryFormat::Contiguous ? contiguous_by_rows(out) : out.contiguous(out_format);
   }
   if (!shape.concat) {
     // Sum: the centre-only branches in one GEMM, then each dilated branch

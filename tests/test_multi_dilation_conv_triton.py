@@ -257,8 +257,15 @@ def test_backend_triton_noncontiguous_and_channels_last(combine, layout, monkeyp
     with medmtl.ops.backend("triton"):
         out = medmtl.ops.multi_dilation_conv(xs, ws, dilations, bs, combine, "relu")
     grad_output = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    # The layouts the fake kernels promise: out channels-last when x is, each
+    # input gradient laid out as empty_like(input).
+    expected_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=expected_format)
+    grads = torch.autograd.grad(out, (xs, ws), grad_output, retain_graph=True)
+    for grad, like in zip(grads, (xs, ws)):
+        assert grad.stride() == torch.empty_like(like).stride()
     out.backward(grad_output)
-    assert calls == ["multi_dilation_conv_forward", "multi_dilation_conv_backward"]
+    assert calls[0] == "multi_dilation_conv_forward" and calls[1:] == ["multi_dilation_conv_backward"] * 2
 
     ref = [t.detach().requires_grad_() for t in (x, weight, bias)]
     ref_out = reference.multi_dilation_conv(*ref[:2], dilations, ref[2], combine, True)

@@ -198,8 +198,14 @@ def test_backend_triton_noncontiguous_and_channels_last(layout, monkeypatch):
     with medmtl.ops.backend("triton"):
         out = medmtl.ops.spatial_attention(xs, ws)
     grad_output = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    # The layouts the fake kernels promise: out and each input gradient laid out
+    # as empty_like of x (and of the weight).
+    assert out.stride() == torch.empty_like(xs).stride()
+    grads = torch.autograd.grad(out, (xs, ws), grad_output, retain_graph=True)
+    for grad, like in zip(grads, (xs, ws)):
+        assert grad.stride() == torch.empty_like(like).stride()
     out.backward(grad_output)
-    assert calls == ["spatial_attention_forward", "spatial_attention_backward"]
+    assert calls[0] == "spatial_attention_forward" and calls[1:] == ["spatial_attention_backward"] * 2
 
     ref_x, ref_w = x.detach().requires_grad_(), weight.detach().requires_grad_()
     ref_out = reference.spatial_attention(ref_x, ref_w)

@@ -27,46 +27,26 @@ struct RowReduction {
 
 // Sum, max (NaN if any value is NaN) and, when asked, the first maximal (or
 // first NaN) index of row[0, C), and sum_c grow[c] row[c] when grow is given.
-// Lane partials keep the loops vectorizable.
 template <typename scalar_t, typename acc_t>
-RowReduction<acc_t> reduce_row(const scalar_t* row, const scalar_t* grow, int64_t C, bool with_argmax) {
-  constexpr int64_t kLanes = 16;
-  acc_t sum[kLanes], best[kLanes], nan[kLanes], dot[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) {
-    sum[l] = dot[l] = nan[l] = 0;
-    best[l] = -std::numeric_limits<acc_t>::infinity();
-  }
-  int64_t c = 0;
-  for (; c + kLanes <= C; c += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const acc_t v = static_cast<acc_t>(row[c + l]);
-      sum[l] += v;
-      best[l] = v > best[l] ? v : best[l];
-      nan[l] += v != v ? acc_t(1) : acc_t(0);
-    }
-  for (int64_t l = 0; c + l < C; ++l) {
-    const acc_t v = static_cast<acc_t>(row[c + l]);
-    sum[l] += v;
-    best[l] = v > best[l] ? v : best[l];
-    nan[l] += v != v ? acc_t(1) : acc_t(0);
+RowReduction<acc_t> reduce_row(const scalar_t* __restrict row, const scalar_t* __restrict grow, int64_t C,
+                               bool with_argmax) {
+  acc_t sum = 0, best = -std::numeric_limits<acc_t>::infinity(), nans = 0, dot = 0;
+#pragma omp simd reduction(+ : sum, nans) reduction(max : best)
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t v = static_cast<acc_t>(row[c]);
+    sum += v;
+    best = v > best ? v : best;
+    nans += v != v ? acc_t(1) : acc_t(0);
   }
   if (grow != nullptr) {
-    for (c = 0; c + kLanes <= C; c += kLanes)
-      for (int64_t l = 0; l < kLanes; ++l) dot[l] += static_cast<acc_t>(grow[c + l]) * static_cast<acc_t>(row[c + l]);
-    for (int64_t l = 0; c + l < C; ++l) dot[l] += static_cast<acc_t>(grow[c + l]) * static_cast<acc_t>(row[c + l]);
+#pragma omp simd reduction(+ : dot)
+    for (int64_t c = 0; c < C; ++c) dot += static_cast<acc_t>(grow[c]) * static_cast<acc_t>(row[c]);
   }
-  RowReduction<acc_t> r{0, -std::numeric_limits<acc_t>::infinity(), 0, 0};
-  acc_t nans = 0;
-  for (int64_t l = 0; l < kLanes; ++l) {
-    r.sum += sum[l];
-    r.dot += dot[l];
-    r.max = best[l] > r.max ? best[l] : r.max;
-    nans += nan[l];
-  }
-  if (nans > 0) r.max = std::numeric_limits<acc_t>::quiet_NaN();
+  RowReduction<acc_t> r{sum, nans > 0 ? std::numeric_limits<acc_t>::quiet_NaN() : best, dot, 0};
   if (with_argmax) {
     // torch.max(dim=1): the first maximal channel; a NaN wins.
-    for (c = 0; c < C; ++c) {
+    int64_t c = 0;
+    for (; c < C; ++c) {
       const acc_t v = static_cast<acc_t>(row[c]);
       if (nans > 0 ? v != v : v == r.max) break;
     }

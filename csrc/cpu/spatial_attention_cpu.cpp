@@ -3,7 +3,9 @@
 // (mean, max and the first maximal channel); the KxK convolution of that
 // 2-channel map is ATen's; a second pass multiplies x by the gate.
 // The backward makes one pass over x and grad_output for the channel sums it
-// needs, and one pass writing grad_x.
+// needs, and one pass writing grad_x. NCHW x is reduced a block of pixels at a
+// time across the channel planes; channels-last x one pixel's contiguous
+// channels at a time. The output and grad_x are laid out as x (csrc/layout.h).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

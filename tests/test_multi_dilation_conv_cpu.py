@@ -85,6 +85,16 @@ def test_sum_fused_float32(layout, dilations, with_bias, activation):
     _compare_conv(x, weight, dilations, bias, "sum", activation, atol=1e-4, rtol=1e-4)
 
 
+def test_sum_float32_without_mkldnn(monkeypatch):
+    """With torch.backends.mkldnn disabled the sum takes ATen's convolutions and
+    the epilogue, with the same answer."""
+    x = _x((2, 6, 43, 41), dtype=torch.float32, layout="channels_last")
+    weight, bias = _params(3, 5, 6, "sum", torch.float32)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    assert not torch._C._get_mkldnn_enabled()
+    _compare_conv(x, weight, [0, 3, 9], bias, "sum", "relu", atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("combine", ["sum", "concat"])
 def test_conv_gradcheck(combine):
     x = _x((1, 2, 4, 5))

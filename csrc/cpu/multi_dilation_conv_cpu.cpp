@@ -171,11 +171,11 @@ at::Tensor fused_convolution(const at::Tensor& x, const at::Tensor& w, const std
 }
 
 // Whether the sum of x's branches goes through the fused convolutions
-// (float32, and the ops exist).
+// (float32, the ops exist, and torch.backends.mkldnn is enabled).
 bool sums_fused(const at::Tensor& x_conv, const BranchPlan& plan) {
   const FusedConvolutionOps& ops = fused_convolution_ops();
-  return ops.into_new.has_value() && ops.added_into.has_value() && x_conv.scalar_type() == at::kFloat &&
-         !plan.full.empty() && x_conv.numel() > 0;
+  return ops.into_new.has_value() && ops.added_into.has_value() && at::globalContext().userEnabledMkldnn() &&
+         x_conv.scalar_type() == at::kFloat && !plan.full.empty() && x_conv.numel() > 0;
 }
 
 // Sum: act(bias + centre GEMM + each dilated branch) in x_conv's layout (NCHW

@@ -36,6 +36,7 @@ def _params(n, cout, cin, combine, dtype, seed=1, with_bias=True):
 
 def _compare_conv(x, weight, dilations, bias, combine, activation, atol, rtol):
     params = [x, weight] + ([bias] if bias is not None else [])
+    before = [p.detach().clone() for p in params]
     results = {}
     for backend in ("reference", "cpu"):
         with medmtl.backend(backend):
@@ -45,6 +46,8 @@ def _compare_conv(x, weight, dilations, bias, combine, activation, atol, rtol):
     torch.testing.assert_close(results["cpu"][0], results["reference"][0], atol=atol, rtol=rtol)
     for got, expected in zip(results["cpu"][1], results["reference"][1]):
         torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
+    for p, b in zip(params, before):  # the op never writes its inputs
+        torch.testing.assert_close(p, b, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("combine", ["sum", "concat"])

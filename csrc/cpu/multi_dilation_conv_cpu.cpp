@@ -66,6 +66,7 @@ BranchPlan plan_branches(at::IntArrayRef dilations, int64_t H, int64_t W) {
 at::Tensor centre_weight(const at::Tensor& weight, const std::vector<int64_t>& branches, bool concat) {
   std::vector<at::Tensor> parts;
   for (int64_t i : branches) parts.push_back(weight.select(0, i).select(2, 1).select(2, 1));
+  if (parts.size() == 1) return parts[0].contiguous();
   return concat ? at::cat(parts, 0) : at::stack(parts).sum(0);
 }
 
@@ -192,8 +193,13 @@ at::Tensor sum_fused(const at::Tensor& x_conv, const at::Tensor& weight, at::Int
       acc = at::mm(x_conv.permute({0, 2, 3, 1}).reshape({-1, cin}), centre.t())
                 .view({B, H, W, -1})
                 .permute({0, 3, 1, 2});
-    else
-      acc = at::matmul(centre, x_conv.view({B, cin, H * W})).view({B, -1, H, W});
+    else {  // one GEMM per image, straight into the accumulator
+      acc = at::empty({B, centre.size(0), H, W}, x_conv.options());
+      for (int64_t b = 0; b < B; ++b) {
+        at::Tensor image = acc.select(0, b).view({-1, H * W});
+        at::mm_out(image, centre, x_conv.select(0, b).view({cin, H * W}));
+      }
+    }
   }
   const at::MemoryFormat format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   for (size_t k = 0; k < plan.full.size(); ++k) {

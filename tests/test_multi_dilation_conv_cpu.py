@@ -75,17 +75,19 @@ def test_conv_float32_layouts_and_batch_one(layout, combine):
     _compare_conv(x, weight, [1, 6, 12], bias, combine, "relu", atol=1e-4, rtol=1e-4)
 
 
-# float32 sums of channels-last maps go through oneDNN's fused convolutions
-# (bias, accumulation and ReLU inside the convolution): with and without a
-# centre-only branch, bias and ReLU; NCHW x on a large map is converted first.
+# float32 goes through oneDNN's fused convolutions (bias, accumulation and
+# ReLU inside the convolution): with and without a centre-only branch, bias
+# and ReLU, on a large map (NCHW x is converted first) and a small one.
+@pytest.mark.parametrize("combine", ["sum", "concat"])
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
-@pytest.mark.parametrize("dilations", [[2, 7, 13], [0, 3, 60], [5]])
+@pytest.mark.parametrize("hw,dilations", [((43, 41), [2, 7, 13]), ((43, 41), [0, 3, 60]), ((43, 41), [5]),
+                                          ((9, 12), [0, 2, 20])])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("activation", ["relu", None])
-def test_sum_fused_float32(layout, dilations, with_bias, activation):
-    x = _x((2, 6, 43, 41), dtype=torch.float32, layout=layout)
-    weight, bias = _params(len(dilations), 5, 6, "sum", torch.float32, with_bias=with_bias)
-    _compare_conv(x, weight, dilations, bias, "sum", activation, atol=1e-4, rtol=1e-4)
+def test_fused_float32(combine, layout, hw, dilations, with_bias, activation):
+    x = _x((2, 6, *hw), dtype=torch.float32, layout=layout)
+    weight, bias = _params(len(dilations), 5, 6, combine, torch.float32, with_bias=with_bias)
+    _compare_conv(x, weight, dilations, bias, combine, activation, atol=1e-4, rtol=1e-4)
 
 
 def test_sum_float32_without_mkldnn(monkeypatch):

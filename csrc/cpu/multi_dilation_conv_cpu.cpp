@@ -171,9 +171,9 @@ at::Tensor fused_convolution(const at::Tensor& x, const at::Tensor& w, const std
   return stack.back().toTensor();
 }
 
-// Whether the sum of x's branches goes through the fused convolutions
-// (float32, the ops exist, and torch.backends.mkldnn is enabled).
-bool sums_fused(const at::Tensor& x_conv, const BranchPlan& plan) {
+// Whether x's branches go through the fused convolutions (float32, the ops
+// exist, and torch.backends.mkldnn is enabled).
+bool fuses_convolutions(const at::Tensor& x_conv, const BranchPlan& plan) {
   const FusedConvolutionOps& ops = fused_convolution_ops();
   return ops.into_new.has_value() && ops.added_into.has_value() && at::globalContext().userEnabledMkldnn() &&
          x_conv.scalar_type() == at::kFloat && !plan.full.empty() && x_conv.numel() > 0;
@@ -223,7 +223,7 @@ at::Tensor multi_dilation_conv_cpu(const at::Tensor& x_in, const at::Tensor& wei
   const at::Tensor x = plan.centre.empty() ? x_conv : x_in.contiguous();
   const at::MemoryFormat out_format = output_format(x_in);
   at::Tensor out;
-  if (!shape.concat && sums_fused(x_conv, plan)) {
+  if (!shape.concat && fuses_convolutions(x_conv, plan)) {
     out = sum_fused(x_conv, weight, dilations, bias, relu, plan);
     return out_format == at::MemoryFormat::Contiguous ? contiguous_by_rows(out) : out.contiguous(out_format);
   }
@@ -251,16 +251,39 @@ at::Tensor multi_dilation_conv_cpu(const at::Tensor& x_in, const at::Tensor& wei
     }
     out = out_format == at::MemoryFormat::Contiguous ? contiguous_by_rows(out) : out.contiguous(out_format);
   } else {
-    // Concat: each branch into its slice of the output.
+    // Concat: each branch into its slice of the output. With the fused
+    // convolutions each branch applies its own bias slice and ReLU (and so
+    // does the centre GEMM's result, before its copy): no epilogue pass.
+    const bool fused = fuses_convolutions(x_conv, plan);
     out = at::empty({B, shape.output_channels(), H, W}, x.options().memory_format(out_format));
     if (!plan.centre.empty()) {
-      const at::Tensor z = at::matmul(centre_weight(weight, plan.centre, true), x.view({B, -1, H * W}))
-                               .view({B, -1, H, W});
+      at::Tensor z = at::matmul(centre_weight(weight, plan.centre, true), x.view({B, -1, H * W}))
+                         .view({B, -1, H, W});
+      if (fused) {
+        std::optional<at::Tensor> z_bias;
+        if (bias.has_value()) {
+          std::vector<at::Tensor> parts;
+          for (int64_t i : plan.centre) parts.push_back(bias->narrow(0, i * cout, cout));
+          z_bias = at::cat(parts);
+        }
+        bias_activation_(z, z_bias, relu);
+      }
       for (size_t j = 0; j < plan.centre.size(); ++j)
         out.narrow(1, plan.centre[j] * cout, cout).copy_(z.narrow(1, static_cast<int64_t>(j) * cout, cout));
     }
-    for (int64_t i : plan.full)
-      out.narrow(1, i * cout, cout).copy_(branch_convolution(x_conv, weight, i, dilations[i]));
+    for (int64_t i : plan.full) {
+      at::Tensor y;
+      if (fused) {
+        const std::optional<at::Tensor> branch_bias =
+            bias.has_value() ? std::optional<at::Tensor>(bias->narrow(0, i * cout, cout)) : std::nullopt;
+        const at::Tensor w = weight.select(0, i).contiguous(x_conv.suggest_memory_format());
+        y = fused_convolution(x_conv, w, branch_bias, dilations[i], relu, at::Tensor());
+      } else {
+        y = branch_convolution(x_conv, weight, i, dilations[i]);
+      }
+      out.narrow(1, i * cout, cout).copy_(y);
+    }
+    if (fused) return out;
   }
   bias_activation_(out, bias, relu);
   return out;

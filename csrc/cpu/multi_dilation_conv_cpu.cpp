@@ -12,8 +12,9 @@
 // through oneDNN's fused convolutions: the centre GEMM (or the first branch,
 // with the bias) is the accumulator, every other branch is added inside its
 // convolution and the last one applies the ReLU, so no separate pass touches
-// the output. Otherwise the results are added and an epilogue adds the bias
-// and applies the ReLU in one pass.
+// the output; a float32 concat applies each branch's bias slice and ReLU
+// inside its convolution. Otherwise the results are added (or copied into
+// their slices) and an epilogue adds the bias and applies the ReLU in one pass.
 //
 // Layouts: the output is channels-last when x is, else NCHW (a channels-last
 // result is copied out a band of rows at a time); input gradients come back

@@ -102,7 +102,8 @@ class DilatedFeatureEnhancement(nn.Module):
             y = self._concat_folded(work) if folded else self._concat_train(work)
         if self.attention is not None:
             y = spatial_attention(y, self.attention.weight)
-        return contiguous_by_rows(y) if work is not x and not x.is_contiguous(memory_format=torch.channels_last) else y
+        # Converted here: back to NCHW (x was not channels-last).
+        return contiguous_by_rows(y) if work is not x else y
 
     # -- train mode: the dilated convolutions as one op, BatchNorm as BatchNorm does
 

@@ -126,6 +126,13 @@ bool convolve_channels_last(const at::Tensor& x) {
   return x.size(2) * x.size(3) >= kChannelsLastPixels || is_channels_last(x);
 }
 
+at::MemoryFormat convolution_format(const at::Tensor& x) {
+  return convolve_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// x in the layout its dilated convolutions run in (no copy when it already is).
+at::Tensor convolution_input(const at::Tensor& x) { return x.contiguous(convolution_format(x)); }
+
 // oneDNN's fused convolutions, as PyTorch's mkldnn build registers them for
 // Inductor: conv + bias (+ ReLU) into a new tensor, and conv + bias added
 // into an existing one (+ ReLU), so a sum of branches needs no add passes.
@@ -219,8 +226,7 @@ at::Tensor multi_dilation_conv_cpu(const at::Tensor& x_in, const at::Tensor& wei
   const BranchPlan plan = plan_branches(dilations, H, W);
   // The input of the dilated convolutions, and (only when a centre GEMM needs
   // it) of the GEMM, NCHW.
-  const at::Tensor x_conv = x_in.contiguous(convolve_channels_last(x_in) ? at::MemoryFormat::ChannelsLast
-                                                                         : at::MemoryFormat::Contiguous);
+  const at::Tensor x_conv = convolution_input(x_in);
   const at::Tensor x = plan.centre.empty() ? x_conv : x_in.contiguous();
   const at::MemoryFormat out_format = output_format(x_in);
   at::Tensor out;
@@ -277,7 +283,7 @@ at::Tensor multi_dilation_conv_cpu(const at::Tensor& x_in, const at::Tensor& wei
       if (fused) {
         const std::optional<at::Tensor> branch_bias =
             bias.has_value() ? std::optional<at::Tensor>(bias->narrow(0, i * cout, cout)) : std::nullopt;
-        const at::Tensor w = weight.select(0, i).contiguous(x_conv.suggest_memory_format());
+        const at::Tensor w = weight.select(0, i).contiguous(convolution_format(x_conv));
         y = fused_convolution(x_conv, w, branch_bias, dilations[i], relu, at::Tensor());
       } else {
         y = branch_convolution(x_conv, weight, i, dilations[i]);
@@ -352,11 +358,10 @@ void add_tap_gradients_(const at::Tensor& grad_pre, const at::Tensor& x, const a
 // slower at 56x56 and 112x112).
 std::tuple<at::Tensor, at::Tensor> branch_convolution_backward(const at::Tensor& grad, const at::Tensor& x,
                                                                const at::Tensor& weight, int64_t dilation) {
-  const bool channels_last = convolve_channels_last(x);
-  const at::MemoryFormat format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::MemoryFormat format = convolution_format(x);
+  const at::Tensor x_conv = x.contiguous(format);
   const int64_t d = dilation;
-  auto [gx, gw, unused] = at::convolution_backward(grad.contiguous(format), x.contiguous(format),
-                                                   weight.contiguous(format), std::nullopt, {1, 1}, {d, d}, {d, d},
+  auto [gx, gw, unused] = at::convolution_backward(grad.contiguous(format), x_conv, weight.contiguous(format), std::nullopt, {1, 1}, {d, d}, {d, d},
                                                    false, {0, 0}, 1, {true, true, false});
   return {gx, gw};
 }
@@ -385,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_dilation_conv_backward_cpu(
   }
   if (plan.full.size() == 1 && dilations.size() == 1) {
     // One dilated branch (the layer's train mode calls one per branch): its
-    // convolution's gradients as they are, without a weight-sized copy.
+    // convolution's gradients, copied only if their layout differs from the inputs'.
     auto [gx, gw] = branch_convolution_backward(grad_pre, x_in, weight.select(0, 0), dilations[0]);
     return {laid_out_like(gx, x_in), laid_out_like(gw.unsqueeze(0), weight), grad_bias};
   }
@@ -407,8 +412,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_dilation_conv_backward_cpu(
     grad_x = at::matmul(centre_weight(weight, plan.centre, shape.concat).t(), g).view({B, -1, H, W});
   }
   // The dilated branches' input, converted once for all of them.
-  const at::Tensor x_conv = x_in.contiguous(convolve_channels_last(x_in) ? at::MemoryFormat::ChannelsLast
-                                                                         : at::MemoryFormat::Contiguous);
+  const at::Tensor x_conv = convolution_input(x_in);
   for (int64_t i : plan.full) {
     auto [gx, gw] = branch_convolution_backward(grad_of(i), x_conv, weight.select(0, i), dilations[i]);
     grad_weight.select(0, i).copy_(gw);

@@ -53,14 +53,18 @@ def _compare_conv(x, weight, dilations, bias, combine, activation, atol, rtol):
 @pytest.mark.parametrize("combine", ["sum", "concat"])
 @pytest.mark.parametrize("activation", [None, "relu"])
 @pytest.mark.parametrize("with_bias", [True, False])
-# The CPU kernel's paths: on 14x14, dilations 6 and 12 are convolutions and 18
-# is centre-only; maps of 40x40 pixels and more are convolved channels-last; a
-# single sparse branch on a small map (12 on 14x14, 18 on 28x28) takes the
-# per-tap backward, a single denser one (4 on 13x9) oneDNN's backward as is.
+# The CPU kernel's paths: maps under 40x40 pixels take the tap GEMMs forward
+# (on 14x14 dilation 18 reads the map only through its centre tap; 1-pixel
+# rows and columns have no vertical or horizontal taps); larger maps are
+# convolved channels-last with the centre-only branches (0 and 60 on 100x97)
+# as GEMMs; a single sparse branch on a small map (12 on 14x14, 18 on 28x28)
+# takes the per-tap backward, a single denser one (4 on 13x9) oneDNN's
+# backward as is.
 @pytest.mark.parametrize("hw,dilations", [((14, 14), [6, 12, 18]), ((5, 7), [0, 1, 2]), ((1, 1), [6, 12, 18]),
                                           ((14, 14), [18]), ((9, 4), [0, 3, 5]), ((28, 28), [6, 12, 18]),
                                           ((11, 20), [2, 9, 0]), ((100, 97), [5, 0, 60]), ((14, 14), [12]),
-                                          ((28, 28), [18]), ((13, 9), [4])])
+                                          ((28, 28), [18]), ((13, 9), [4]), ((1, 30), [1, 6, 6]),
+                                          ((30, 1), [0, 2])])
 def test_conv_matches_reference_float64(combine, activation, with_bias, hw, dilations):
     x = _x((2, 3, *hw))
     weight, bias = _params(len(dilations), 4, 3, combine, torch.float64, with_bias=with_bias)
@@ -75,9 +79,10 @@ def test_conv_float32_layouts_and_batch_one(layout, combine):
     _compare_conv(x, weight, [1, 6, 12], bias, combine, "relu", atol=1e-4, rtol=1e-4)
 
 
-# float32 goes through oneDNN's fused convolutions (bias, accumulation and
-# ReLU inside the convolution): with and without a centre-only branch, bias
-# and ReLU, on a large map (NCHW x is converted first) and a small one.
+# float32 on a large map goes through oneDNN's fused convolutions (bias,
+# accumulation and ReLU inside the convolution): with and without a
+# centre-only branch, bias and ReLU (NCHW x is converted first); the small map
+# takes the tap GEMMs.
 @pytest.mark.parametrize("combine", ["sum", "concat"])
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 @pytest.mark.parametrize("hw,dilations", [((43, 41), [2, 7, 13]), ((43, 41), [0, 3, 60]), ((43, 41), [5]),
@@ -90,14 +95,33 @@ def test_fused_float32(combine, layout, hw, dilations, with_bias, activation):
     _compare_conv(x, weight, dilations, bias, combine, activation, atol=1e-4, rtol=1e-4)
 
 
-def test_sum_float32_without_mkldnn(monkeypatch):
-    """With torch.backends.mkldnn disabled the sum takes ATen's convolutions and
-    the epilogue, with the same answer."""
+@pytest.mark.parametrize("combine", ["sum", "concat"])
+def test_float32_without_mkldnn(monkeypatch, combine):
+    """With torch.backends.mkldnn disabled a large map takes ATen's convolutions
+    (bias in the first result, the ReLU in place), with the same answer."""
     x = _x((2, 6, 43, 41), dtype=torch.float32, layout="channels_last")
-    weight, bias = _params(3, 5, 6, "sum", torch.float32)
+    weight, bias = _params(3, 5, 6, combine, torch.float32)
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
     assert not torch._C._get_mkldnn_enabled()
-    _compare_conv(x, weight, [0, 3, 9], bias, "sum", "relu", atol=1e-4, rtol=1e-4)
+    _compare_conv(x, weight, [0, 3, 9], bias, combine, "relu", atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("combine", ["sum", "concat"])
+@pytest.mark.parametrize("weight_layout", ["cin_innermost", "strided"])
+@pytest.mark.parametrize("hw", [(14, 14), (48, 45)])
+def test_conv_weight_layouts(combine, weight_layout, hw):
+    """The weight is read in place when Cin is innermost (the layout the DFE
+    layer folds into) and copied otherwise: both give the reference's answer,
+    on a small map (tap GEMMs) and a large one (oneDNN, channels-last)."""
+    x = _x((2, 5, *hw))
+    weight, bias = _params(4, 3, 5, combine, torch.float64)
+    weight = weight.detach()
+    if weight_layout == "cin_innermost":
+        weight = weight.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    else:
+        weight = torch.cat([weight, weight], 2)[:, :, ::2]
+    weight.requires_grad_()
+    _compare_conv(x, weight, [0, 6, 12, 18], bias, combine, "relu", atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("combine", ["sum", "concat"])

@@ -1,20 +1,20 @@
 // CPU kernels of medmtl::multi_dilation_conv: parallel dilated 3x3
 // convolutions of one input, combined by sum or concatenation.
 //
-// Forward: a branch whose off-centre taps all read padding (a 1x1 branch, or a
-// dilation at least the map's size: e.g. 18 on the 14x14 maps of ResFormerMTL)
-// is a 1x1 convolution; all such branches' centre weights go into one GEMM
-// over the map (summed for "sum", stacked for "concat"). Every other branch is
-// one oneDNN convolution, which handles the partly-padded taps itself and was
-// measured faster than per-tap GEMMs over the in-map rectangles even for
-// sparse branches. On large maps (kChannelsLastPixels), or when x is
-// channels-last, the convolutions run channels-last. A float32 sum goes
-// through oneDNN's fused convolutions: the centre GEMM (or the first branch,
-// with the bias) is the accumulator, every other branch is added inside its
-// convolution and the last one applies the ReLU, so no separate pass touches
-// the output; a float32 concat applies each branch's bias slice and ReLU
-// inside its convolution. Otherwise the results are added (or copied into
-// their slices) and an epilogue adds the bias and applies the ReLU in one pass.
+// Forward on small maps (fewer than kChannelsLastPixels pixels): one GEMM per
+// tap that reads the map (multi_dilation_conv_taps.cpp). There most taps of
+// the large dilations read only padding, and oneDNN's per-call weight reorder
+// costs about as much as its convolution (512 channels on 14x14).
+//
+// Forward on large maps, channels-last: a branch whose off-centre taps all
+// read padding (a 1x1 branch, or a dilation at least the map's size) is a GEMM
+// over the pixel rows (for a sum, all such branches in one GEMM with their
+// weights summed); every other branch is one oneDNN convolution, which skips
+// the padding-only taps itself. A float32 sum goes through oneDNN's fused
+// convolutions: the first result carries the bias, every further branch is
+// added inside its convolution and the last one applies the ReLU, so no
+// separate pass touches the output; a float32 concat applies each branch's
+// bias slice and ReLU inside its convolution.
 //
 // Layouts: the output is channels-last when x is, else NCHW (a channels-last
 // result is copied out a band of rows at a time); input gradients come back
@@ -26,7 +26,6 @@
 // convolution backward, channels-last on large maps (the NCHW backward was
 // 1.4-4x slower at 56x56 and 112x112).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 #include <torch/library.h>
@@ -36,6 +35,7 @@
 #include "../core/dilated_taps.h"
 #include "../layout.h"
 #include "../multi_dilation_conv_checks.h"
+#include "multi_dilation_conv_taps.h"
 
 namespace medmtl {
 namespace {
@@ -71,57 +71,14 @@ at::Tensor centre_weight(const at::Tensor& weight, const std::vector<int64_t>& b
   return concat ? at::cat(parts, 0) : at::stack(parts).sum(0);
 }
 
-at::Tensor branch_convolution(const at::Tensor& x, const at::Tensor& weight, int64_t branch, int64_t dilation) {
-  const at::Tensor w = weight.select(0, branch);
-  return at::conv2d(x, x.is_contiguous() ? w : w.contiguous(at::MemoryFormat::ChannelsLast), {}, 1, dilation,
-                    dilation);
-}
-
-// Maps of at least this many pixels are convolved channels-last: oneDNN's
-// NCHW path reorders large maps on every call (measured 2-3x slower for 64
-// channels at 112x112 and 1.2-2x for 128 at 56x56; on par at 28x28).
+// Maps of at least this many pixels are convolved by oneDNN, channels-last
+// (its NCHW path reorders large maps on every call: measured 2-3x slower for
+// 64 channels at 112x112 and 1.2-2x for 128 at 56x56); smaller maps take the
+// tap GEMMs forward.
 constexpr int64_t kChannelsLastPixels = 40 * 40;
 
-// y = act(acc + bias), in place; acc is NCHW or channels-last contiguous.
-void bias_activation_(at::Tensor& acc, const std::optional<at::Tensor>& bias, bool relu) {
-  if (!bias.has_value() && !relu) return;
-  const int64_t B = acc.size(0), C = acc.size(1), plane = acc.size(2) * acc.size(3);
-  const bool channels_last = is_channels_last(acc);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, acc.scalar_type(), "multi_dilation_conv_epilogue", [&] {
-    scalar_t* data = acc.data_ptr<scalar_t>();
-    const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-    const scalar_t* bias_data = bias.has_value() ? b.data_ptr<scalar_t>() : nullptr;
-    // v[i] = act(v[i] + shift(i)) over n values.
-    auto apply = [&](scalar_t* v, int64_t n, auto shift) {
-      if (relu) {
-        for (int64_t i = 0; i < n; ++i) {
-          const scalar_t y = v[i] + shift(i);
-          v[i] = y < scalar_t(0) ? scalar_t(0) : y;
-        }
-      } else {
-        for (int64_t i = 0; i < n; ++i) v[i] = v[i] + shift(i);
-      }
-    };
-    if (channels_last) {
-      // One row of C channels per pixel.
-      at::parallel_for(0, B * plane, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p)
-          apply(data + p * C, C, [&](int64_t c) { return bias_data != nullptr ? bias_data[c] : scalar_t(0); });
-      });
-    } else {
-      // One plane per (b, c).
-      at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) {
-          const scalar_t shift = bias_data != nullptr ? bias_data[p % C] : scalar_t(0);
-          apply(data + p * plane, plane, [&](int64_t) { return shift; });
-        }
-      });
-    }
-  });
-}
-
-// The layout the dilated convolutions run in: channels-last on large maps, or
-// when x already is (then nothing is converted).
+// The layout the backward's convolutions run in: channels-last on large maps,
+// or when x already is (then nothing is converted).
 bool convolve_channels_last(const at::Tensor& x) {
   return x.size(2) * x.size(3) >= kChannelsLastPixels || is_channels_last(x);
 }
@@ -187,114 +144,78 @@ bool fuses_convolutions(const at::Tensor& x_conv, const BranchPlan& plan) {
          x_conv.scalar_type() == at::kFloat && !plan.full.empty() && x_conv.numel() > 0;
 }
 
-// Sum: act(bias + centre GEMM + each dilated branch) in x_conv's layout (NCHW
-// or channels-last), with the bias, the sum and the ReLU inside oneDNN's
-// convolutions.
-at::Tensor sum_fused(const at::Tensor& x_conv, const at::Tensor& weight, at::IntArrayRef dilations,
-                     const std::optional<at::Tensor>& bias, bool relu, const BranchPlan& plan) {
-  const int64_t B = x_conv.size(0), cin = x_conv.size(1), H = x_conv.size(2), W = x_conv.size(3);
-  const bool channels_last = is_channels_last(x_conv);
+// A channels-last (B, C, H, W) tensor as its (B H W, C) pixel rows (a view).
+at::Tensor pixel_rows(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
+
+// Sum on a large map, channels-last: act(bias + centre GEMM + each dilated
+// branch). The first result carries the bias; the later ones are added into it.
+at::Tensor sum_branches(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef dilations,
+                        const std::optional<at::Tensor>& bias, bool relu, const BranchPlan& plan) {
+  const bool fused = fuses_convolutions(x, plan);
   at::Tensor acc;
   if (!plan.centre.empty()) {
-    const at::Tensor centre = centre_weight(weight, plan.centre, false);  // (Cout, Cin)
-    if (channels_last)  // on the (B H W, Cin) pixel rows
-      acc = at::mm(x_conv.permute({0, 2, 3, 1}).reshape({-1, cin}), centre.t())
-                .view({B, H, W, -1})
-                .permute({0, 3, 1, 2});
-    else {  // one GEMM per image, straight into the accumulator
-      acc = at::empty({B, centre.size(0), H, W}, x_conv.options());
-      for (int64_t b = 0; b < B; ++b) {
-        at::Tensor image = acc.select(0, b).view({-1, H * W});
-        at::mm_out(image, centre, x_conv.select(0, b).view({cin, H * W}));
-      }
+    const at::Tensor centre = centre_weight(weight, plan.centre, false).t();  // (Cin, Cout)
+    const at::Tensor rows = bias.has_value() ? at::addmm(*bias, pixel_rows(x), centre) : at::mm(pixel_rows(x), centre);
+    acc = rows.view({x.size(0), x.size(2), x.size(3), -1}).permute({0, 3, 1, 2});
+  }
+  for (size_t k = 0; k < plan.full.size(); ++k) {
+    const int64_t i = plan.full[k], d = dilations[i];
+    const at::Tensor w = weight.select(0, i).contiguous(at::MemoryFormat::ChannelsLast);
+    const std::optional<at::Tensor> first_bias = acc.defined() ? std::nullopt : bias;
+    if (fused) {
+      acc = fused_convolution(x, w, first_bias, d, relu && k + 1 == plan.full.size(), acc);
+    } else {
+      const at::Tensor y = at::conv2d(x, w, first_bias, 1, d, d);
+      acc = acc.defined() ? acc.add_(y) : y;
     }
   }
-  const at::MemoryFormat format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  for (size_t k = 0; k < plan.full.size(); ++k) {
-    const int64_t i = plan.full[k];
-    const bool last = k + 1 == plan.full.size();
-    const at::Tensor w = weight.select(0, i).contiguous(format);
-    acc = fused_convolution(x_conv, w, k == 0 ? bias : std::nullopt, dilations[i], last && relu, acc);
-  }
+  if (relu && !fused) acc.relu_();
   return acc;
+}
+
+// Concat on a large map, channels-last: each branch, with its bias slice and
+// activation, into its slice of the output channels.
+at::Tensor concat_branches(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef dilations,
+                           const std::optional<at::Tensor>& bias, bool relu, const BranchPlan& plan) {
+  const int64_t n = weight.size(0), cout = weight.size(1);
+  const bool fused = fuses_convolutions(x, plan);
+  at::Tensor out = at::empty({x.size(0), n * cout, x.size(2), x.size(3)},
+                             x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto bias_of = [&](int64_t i) {
+    return bias.has_value() ? std::optional<at::Tensor>(bias->narrow(0, i * cout, cout)) : std::nullopt;
+  };
+  for (int64_t i : plan.centre) {
+    at::Tensor slice = pixel_rows(out).narrow(1, i * cout, cout);
+    const at::Tensor centre = weight.select(0, i).select(2, 1).select(2, 1).t();  // (Cin, Cout)
+    if (bias.has_value())
+      at::addmm_out(slice, *bias_of(i), pixel_rows(x), centre);
+    else
+      at::mm_out(slice, pixel_rows(x), centre);
+    if (relu) slice.relu_();
+  }
+  for (int64_t i : plan.full) {
+    const int64_t d = dilations[i];
+    const at::Tensor w = weight.select(0, i).contiguous(at::MemoryFormat::ChannelsLast);
+    at::Tensor y = fused ? fused_convolution(x, w, bias_of(i), d, relu, at::Tensor())
+                         : at::conv2d(x, w, bias_of(i), 1, d, d);
+    if (relu && !fused) y.relu_();
+    out.narrow(1, i * cout, cout).copy_(y);
+  }
+  return out;
 }
 
 at::Tensor multi_dilation_conv_cpu(const at::Tensor& x_in, const at::Tensor& weight, at::IntArrayRef dilations,
                                    const std::optional<at::Tensor>& bias, c10::string_view combine, bool relu) {
   const MultiDilationConvShape shape = check_multi_dilation_conv_inputs(x_in, weight, dilations, bias, combine);
-  const int64_t B = shape.batch, H = shape.height, W = shape.width, cout = shape.out_channels;
-  const BranchPlan plan = plan_branches(dilations, H, W);
-  // The input of the dilated convolutions, and (only when a centre GEMM needs
-  // it) of the GEMM, NCHW.
-  const at::Tensor x_conv = convolution_input(x_in);
-  const at::Tensor x = plan.centre.empty() ? x_conv : x_in.contiguous();
-  const at::MemoryFormat out_format = output_format(x_in);
-  at::Tensor out;
-  if (!shape.concat && fuses_convolutions(x_conv, plan)) {
-    out = sum_fused(x_conv, weight, dilations, bias, relu, plan);
-    return out_format == at::MemoryFormat::Contiguous ? contiguous_by_rows(out) : out.contiguous(out_format);
-  }
-  if (!shape.concat) {
-    // Sum: the centre-only branches in one GEMM, then each dilated branch
-    // added (the first result is the accumulator: no zero fill, no copy).
-    if (!plan.centre.empty())
-      out = at::matmul(centre_weight(weight, plan.centre, false), x.view({B, -1, H * W})).view({B, cout, H, W});
-    // Each dilated branch added (the first result is the accumulator when
-    // there is no centre GEMM: no zero fill). Channels-last results are
-    // summed among themselves first and laid out NCHW once.
-    at::Tensor channels_last;
-    for (int64_t i : plan.full) {
-      at::Tensor y = branch_convolution(x_conv, weight, i, dilations[i]);
-      if (!y.is_contiguous())
-        channels_last = channels_last.defined() ? channels_last.add_(y) : y;
-      else
-        out = out.defined() ? out.add_(y) : y;
-    }
-    if (channels_last.defined()) {
-      if (out_format == at::MemoryFormat::ChannelsLast)
-        out = out.defined() ? channels_last.add_(out) : channels_last;
-      else
-        out = out.defined() ? out.add_(channels_last) : contiguous_by_rows(channels_last);
-    }
-    out = out_format == at::MemoryFormat::Contiguous ? contiguous_by_rows(out) : out.contiguous(out_format);
-  } else {
-    // Concat: each branch into its slice of the output. With the fused
-    // convolutions each branch applies its own bias slice and ReLU (and so
-    // does the centre GEMM's result, before its copy): no epilogue pass.
-    const bool fused = fuses_convolutions(x_conv, plan);
-    out = at::empty({B, shape.output_channels(), H, W}, x.options().memory_format(out_format));
-    if (!plan.centre.empty()) {
-      at::Tensor z = at::matmul(centre_weight(weight, plan.centre, true), x.view({B, -1, H * W}))
-                         .view({B, -1, H, W});
-      if (fused) {
-        std::optional<at::Tensor> z_bias;
-        if (bias.has_value()) {
-          std::vector<at::Tensor> parts;
-          for (int64_t i : plan.centre) parts.push_back(bias->narrow(0, i * cout, cout));
-          z_bias = at::cat(parts);
-        }
-        bias_activation_(z, z_bias, relu);
-      }
-      for (size_t j = 0; j < plan.centre.size(); ++j)
-        out.narrow(1, plan.centre[j] * cout, cout).copy_(z.narrow(1, static_cast<int64_t>(j) * cout, cout));
-    }
-    for (int64_t i : plan.full) {
-      at::Tensor y;
-      if (fused) {
-        const std::optional<at::Tensor> branch_bias =
-            bias.has_value() ? std::optional<at::Tensor>(bias->narrow(0, i * cout, cout)) : std::nullopt;
-        const at::Tensor w = weight.select(0, i).contiguous(convolution_format(x_conv));
-        y = fused_convolution(x_conv, w, branch_bias, dilations[i], relu, at::Tensor());
-      } else {
-        y = branch_convolution(x_conv, weight, i, dilations[i]);
-      }
-      out.narrow(1, i * cout, cout).copy_(y);
-    }
-    if (fused) return out;
-  }
-  bias_activation_(out, bias, relu);
-  return out;
+  if (shape.height * shape.width < kChannelsLastPixels)
+    return multi_dilation_conv_taps(x_in, weight, dilations, bias, shape.concat, relu);
+  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const BranchPlan plan = plan_branches(dilations, shape.height, shape.width);
+  const at::Tensor out = shape.concat ? concat_branches(x, weight, dilations, bias, relu, plan)
+                                      : sum_branches(x, weight, dilations, bias, relu, plan);
+  return output_format(x_in) == at::MemoryFormat::Contiguous ? contiguous_by_rows(out) : out;
 }
+
 
 // Maps of at most this many pixels take the per-tap backward for a single
 // dilated branch: oneDNN's convolution backward reorders the weight and its

@@ -165,7 +165,7 @@ class DilatedFeatureEnhancement(nn.Module):
             mix = s2[:, None] * pointwise.weight[:, :, 0, 0] * s1[None, :]
             weights.append(torch.einsum("oc,cikl->oikl", mix, conv.weight))
             bias = bias + s2 * (pointwise.weight[:, :, 0, 0] @ b1) + b2
-        return torch.stack(weights), bias
+        return _cin_innermost(torch.stack(weights)), bias
 
     def _concat_folded(self, x: torch.Tensor) -> torch.Tensor:
         weights, bias, fuse, shortcut = self._folded_parameters(self._fold_concat, x)
@@ -181,7 +181,8 @@ class DilatedFeatureEnhancement(nn.Module):
             scale, shift = _bn_affine(branch[1])
             weights.append(self._as_3x3(branch[0].weight) * scale[:, None, None, None])
             biases.append(shift)
-        return torch.stack(weights), torch.cat(biases), _fold_conv_bn(self.fuse), _fold_conv_bn(self.shortcut)
+        return (_cin_innermost(torch.stack(weights)), torch.cat(biases), _fold_conv_bn(self.fuse),
+                _fold_conv_bn(self.shortcut))
 
     # -- helpers
 
@@ -219,6 +220,13 @@ def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
         scale = bn.weight * scale
     shift = -bn.running_mean * scale + (bn.bias if bn.affine else 0)
     return scale, shift
+
+
+def _cin_innermost(weight: torch.Tensor) -> torch.Tensor:
+    """(n, Cout, Cin, 3, 3) weights stored with Cin innermost (the cpu backend's
+    layout: every tap a GEMM operand as it is, so the cached fold is not
+    copied on every call)."""
+    return weight.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
 
 
 def _fold_conv_bn(block: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,20 @@
+// multi_dilation_conv's CPU forward on small maps: one GEMM per tap that
+// reads the map (multi_dilation_conv_taps.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace medmtl {
+
+// act(combine_i(conv_i(x)) + bias) with branch i a 3x3 convolution at
+// dilations[i] (0: 1x1), "same" padding.
+//   x: (B, Cin, H, W), any layout; weight: (n, Cout, Cin, 3, 3), any strides
+//   (no copy when Cin is innermost: weight.permute(0, 1, 3, 4, 2) contiguous);
+//   bias: (Cout) for a sum, (n * Cout) for a concat.
+// Returns (B, Cout or n * Cout, H, W), channels-last when x is, else NCHW.
+at::Tensor multi_dilation_conv_taps(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef dilations,
+                                    const std::optional<at::Tensor>& bias, bool concat, bool relu);
+
+}  // namespace medmtl

@@ -35,12 +35,24 @@ class PlainDFE(nn.Module):
         return y * torch.sigmoid(m.attention(pooled))
 
 
+def plain_copy(layer: DilatedFeatureEnhancement) -> PlainDFE:
+    """The composition on a deep copy of the layer's modules, every parameter in
+    PyTorch's default (contiguous) layout, as a user's plain model has it (the
+    layer stores its branch convolutions channels-last, which would change
+    which oneDNN path the reference takes)."""
+    plain = copy.deepcopy(layer)
+    for module in plain.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, name, nn.Parameter(param.detach().contiguous(), requires_grad=param.requires_grad))
+    return PlainDFE(plain)
+
+
 def _inputs(channels, size, variant, training):
     def make():
         torch.manual_seed(0)
         layer = DilatedFeatureEnhancement(channels, channels, DILATIONS, variant).train(training)
         x = torch.randn(BATCH, channels, size, size)
-        return dict(layer=layer, plain=PlainDFE(copy.deepcopy(layer)).train(training), x=x,
+        return dict(layer=layer, plain=plain_copy(layer).train(training), x=x,
                     bytes=x.numel() * x.element_size())
     return make
 

@@ -1,10 +1,11 @@
 // CPU kernels of medmtl::multi_dilation_conv: parallel dilated 3x3
 // convolutions of one input, combined by sum or concatenation.
 //
-// Forward on small maps (fewer than kChannelsLastPixels pixels): one GEMM per
-// tap that reads the map (multi_dilation_conv_taps.cpp). There most taps of
-// the large dilations read only padding, and oneDNN's per-call weight reorder
-// costs about as much as its convolution (512 channels on 14x14).
+// Small maps (fewer than kChannelsLastPixels pixels), forward and backward:
+// one GEMM per tap that reads the map (multi_dilation_conv_taps.cpp). There
+// most taps of the large dilations read only padding, and oneDNN's per-call
+// weight reorder costs about as much as its convolution (512 channels on
+// 14x14); its backward ran at half the GEMMs' rate.
 //
 // Forward on large maps, channels-last: a branch whose off-centre taps all
 // read padding (a 1x1 branch, or a dilation at least the map's size) is a GEMM
@@ -20,11 +21,9 @@
 // result is copied out a band of rows at a time); input gradients come back
 // laid out as empty_like(input) (csrc/layout.h).
 //
-// Backward: the centre GEMM's gradients are GEMMs; a single sparse branch on a
-// small map takes per-tap GEMMs straight into grad_weight (oneDNN's backward
-// goes through weight-sized reorder buffers); other branches take ATen's
-// convolution backward, channels-last on large maps (the NCHW backward was
-// 1.4-4x slower at 56x56 and 112x112).
+// Backward on large maps, channels-last: the centre GEMM's gradients are
+// GEMMs on the pixel rows; every other branch takes ATen's convolution
+// backward (the NCHW one was 1.4-4x slower at 56x56 and 112x112).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
@@ -74,21 +73,8 @@ at::Tensor centre_weight(const at::Tensor& weight, const std::vector<int64_t>& b
 // Maps of at least this many pixels are convolved by oneDNN, channels-last
 // (its NCHW path reorders large maps on every call: measured 2-3x slower for
 // 64 channels at 112x112 and 1.2-2x for 128 at 56x56); smaller maps take the
-// tap GEMMs forward.
+// tap GEMMs, forward and backward.
 constexpr int64_t kChannelsLastPixels = 40 * 40;
-
-// The layout the backward's convolutions run in: channels-last on large maps,
-// or when x already is (then nothing is converted).
-bool convolve_channels_last(const at::Tensor& x) {
-  return x.size(2) * x.size(3) >= kChannelsLastPixels || is_channels_last(x);
-}
-
-at::MemoryFormat convolution_format(const at::Tensor& x) {
-  return convolve_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
-// x in the layout its dilated convolutions run in (no copy when it already is).
-at::Tensor convolution_input(const at::Tensor& x) { return x.contiguous(convolution_format(x)); }
 
 // oneDNN's fused convolutions, as PyTorch's mkldnn build registers them for
 // Inductor: conv + bias (+ ReLU) into a new tensor, and conv + bias added
@@ -217,73 +203,15 @@ at::Tensor multi_dilation_conv_cpu(const at::Tensor& x_in, const at::Tensor& wei
 }
 
 
-// Maps of at most this many pixels take the per-tap backward for a single
-// dilated branch: oneDNN's convolution backward reorders the weight and its
-// gradient through buffers of the weight's size (the training peak at 512
-// channels on 14x14), and on these maps the per-tap GEMMs are as fast.
-constexpr int64_t kTapBackwardPixels = 32 * 32;
-// ... and whose off-centre taps read the map on less than this fraction of
-// their positions (dilation 12 on 14x14: 8%; 18 on 28x28: 24%); denser
-// branches are faster through oneDNN.
-constexpr double kTapBackwardFraction = 0.3;
-
-// The fraction of the off-centre tap positions of a branch that read the map.
-double off_centre_fraction(int64_t dilation, int64_t H, int64_t W) {
-  int64_t read = 0;
-  for (int64_t ky = 0; ky < 3; ++ky)
-    for (int64_t kx = 0; kx < 3; ++kx) {
-      if ((ky == 1 && kx == 1) || !core::tap_exists(ky, kx, dilation)) continue;
-      const int64_t dy = core::tap_shift(ky, dilation), dx = core::tap_shift(kx, dilation);
-      read += (core::tap_output_end(dy, H) - core::tap_output_begin(dy, H)) *
-              (core::tap_output_end(dx, W) - core::tap_output_begin(dx, W));
-    }
-  return static_cast<double>(read) / (8.0 * H * W);
-}
-
-// Where a tap reads the map: output rows [y0, y1) and columns [x0, x1) read
-// input rows y + dy and columns x + dx.
-struct TapRect {
-  int64_t y0, y1, x0, x1, dy, dx;
-};
-
-// t's rectangle r, at input (shifted) or output positions, as (C, B * h * w).
-at::Tensor tap_columns(const at::Tensor& t, const TapRect& r, bool shifted) {
-  const int64_t oy = shifted ? r.dy : 0, ox = shifted ? r.dx : 0;
-  return t.slice(2, r.y0 + oy, r.y1 + oy).slice(3, r.x0 + ox, r.x1 + ox).transpose(0, 1).reshape({t.size(1), -1});
-}
-
-// For every tap of a 3x3 branch at `dilation` that reads the map:
-// grad_weight[:, :, ky, kx] = G_r X_r^T and grad_x (shifted r) += W_tap^T G_r,
-// with G_r, X_r the gradient and input over the tap's rectangle.
-void add_tap_gradients_(const at::Tensor& grad_pre, const at::Tensor& x, const at::Tensor& weight, int64_t dilation,
-                        at::Tensor& grad_x, at::Tensor grad_weight) {
-  const int64_t H = x.size(2), W = x.size(3), B = x.size(0);
-  for (int64_t ky = 0; ky < 3; ++ky)
-    for (int64_t kx = 0; kx < 3; ++kx) {
-      if (!core::tap_exists(ky, kx, dilation)) continue;
-      const int64_t dy = core::tap_shift(ky, dilation), dx = core::tap_shift(kx, dilation);
-      const TapRect r{core::tap_output_begin(dy, H), core::tap_output_end(dy, H), core::tap_output_begin(dx, W),
-                      core::tap_output_end(dx, W), dy, dx};
-      if (r.y0 >= r.y1 || r.x0 >= r.x1) continue;  // reads only padding: zero gradient
-      const at::Tensor g = tap_columns(grad_pre, r, false);
-      grad_weight.select(2, ky).select(2, kx).copy_(at::mm(g, tap_columns(x, r, true).t()));
-      const at::Tensor gx = at::mm(weight.select(2, ky).select(2, kx).t(), g);
-      grad_x.slice(2, r.y0 + dy, r.y1 + dy)
-          .slice(3, r.x0 + dx, r.x1 + dx)
-          .add_(gx.view({x.size(1), B, r.y1 - r.y0, r.x1 - r.x0}).transpose(0, 1));
-    }
-}
-
-// ATen's convolution backward of one dilated branch, (grad_x, grad_weight).
-// On large maps it runs channels-last (oneDNN's NCHW backward was 1.4-4x
-// slower at 56x56 and 112x112).
+// ATen's convolution backward of one dilated branch on a large map,
+// channels-last (oneDNN's NCHW backward was 1.4-4x slower at 56x56 and
+// 112x112): (grad_x, grad_weight).
 std::tuple<at::Tensor, at::Tensor> branch_convolution_backward(const at::Tensor& grad, const at::Tensor& x,
-                                                               const at::Tensor& weight, int64_t dilation) {
-  const at::MemoryFormat format = convolution_format(x);
-  const at::Tensor x_conv = x.contiguous(format);
-  const int64_t d = dilation;
-  auto [gx, gw, unused] = at::convolution_backward(grad.contiguous(format), x_conv, weight.contiguous(format), std::nullopt, {1, 1}, {d, d}, {d, d},
-                                                   false, {0, 0}, 1, {true, true, false});
+                                                               const at::Tensor& weight, int64_t d) {
+  constexpr at::MemoryFormat kChannelsLast = at::MemoryFormat::ChannelsLast;
+  auto [gx, gw, unused] =
+      at::convolution_backward(grad.contiguous(kChannelsLast), x, weight.contiguous(kChannelsLast), std::nullopt,
+                               {1, 1}, {d, d}, {d, d}, false, {0, 0}, 1, {true, true, false});
   return {gx, gw};
 }
 
@@ -297,45 +225,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_dilation_conv_backward_cpu(
   // output <= 0 (and passes it at NaN).
   const at::Tensor grad_pre = relu ? grad_output.masked_fill(output.le(0), 0) : grad_output;
   const at::Tensor grad_bias = grad_pre.sum({0, 2, 3});
-  const BranchPlan plan = plan_branches(dilations, H, W);
   // The gradients come back laid out as empty_like(x) and empty_like(weight).
-  if (plan.full.size() == 1 && dilations.size() == 1 && H * W <= kTapBackwardPixels &&
-      off_centre_fraction(dilations[0], H, W) < kTapBackwardFraction) {
-    // One dilated branch on a small map: per-tap GEMMs over the rectangles
-    // where each tap reads the map, straight into grad_weight.
-    const at::Tensor x = x_in.contiguous();
-    at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
-    at::Tensor grad_x = at::zeros(x.sizes(), x.options());
-    add_tap_gradients_(grad_pre, x, weight.select(0, 0), dilations[0], grad_x, grad_weight.select(0, 0));
-    return {laid_out_like(grad_x, x_in), laid_out_like(grad_weight, weight), grad_bias};
+  if (H * W < kChannelsLastPixels) {
+    auto [grad_x, grad_weight] = multi_dilation_conv_taps_backward(grad_pre, x_in, weight, dilations, shape.concat);
+    return {grad_x, grad_weight, grad_bias};
   }
+  // Large maps: channels-last.
+  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor grad = grad_pre.contiguous(at::MemoryFormat::ChannelsLast);
+  const BranchPlan plan = plan_branches(dilations, H, W);
   if (plan.full.size() == 1 && dilations.size() == 1) {
     // One dilated branch (the layer's train mode calls one per branch): its
     // convolution's gradients, copied only if their layout differs from the inputs'.
-    auto [gx, gw] = branch_convolution_backward(grad_pre, x_in, weight.select(0, 0), dilations[0]);
+    auto [gx, gw] = branch_convolution_backward(grad, x, weight.select(0, 0), dilations[0]);
     return {laid_out_like(gx, x_in), laid_out_like(gw.unsqueeze(0), weight), grad_bias};
   }
   at::Tensor grad_weight = at::zeros(weight.sizes(), weight.options());
-  // Branch i's output gradient: all of it for "sum", its slice for "concat".
-  auto grad_of = [&](int64_t i) { return shape.concat ? grad_pre.narrow(1, i * cout, cout) : grad_pre; };
+  auto grad_centre_of = [&](int64_t i) { return grad_weight.select(0, i).select(2, 1).select(2, 1); };
   at::Tensor grad_x;
   if (!plan.centre.empty()) {
-    // The centre GEMM's gradients: dW = sum_b G_b X_b^T, dX = W^T G.
-    const at::Tensor x = x_in.contiguous();
-    std::vector<at::Tensor> parts;
-    for (int64_t i : plan.centre) parts.push_back(grad_of(i));
-    const at::Tensor g = (shape.concat ? at::cat(parts, 1) : parts[0]).contiguous().view({B, -1, H * W});
-    const at::Tensor grad_centre = at::bmm(g, x.view({B, -1, H * W}).transpose(1, 2)).sum(0);
-    for (size_t j = 0; j < plan.centre.size(); ++j) {
-      const int64_t row = shape.concat ? static_cast<int64_t>(j) * cout : 0;
-      grad_weight.select(0, plan.centre[j]).select(2, 1).select(2, 1).copy_(grad_centre.narrow(0, row, cout));
+    // The centre GEMMs on the pixel rows: grad_W = G^T X and grad_x = G W.
+    const at::Tensor x_rows = pixel_rows(x), grad_rows = pixel_rows(grad);
+    at::Tensor grad_x_rows;
+    if (!shape.concat) {  // the centre-only branches all see the whole gradient
+      const at::Tensor grad_centre = at::mm(grad_rows.t(), x_rows);
+      for (int64_t i : plan.centre) grad_centre_of(i).copy_(grad_centre);
+      grad_x_rows = at::mm(grad_rows, centre_weight(weight, plan.centre, false));
+    } else {
+      for (int64_t i : plan.centre) {
+        const at::Tensor g = grad_rows.narrow(1, i * cout, cout);
+        grad_centre_of(i).copy_(at::mm(g.t(), x_rows));
+        const at::Tensor part = at::mm(g, weight.select(0, i).select(2, 1).select(2, 1));
+        grad_x_rows = grad_x_rows.defined() ? grad_x_rows.add_(part) : part;
+      }
     }
-    grad_x = at::matmul(centre_weight(weight, plan.centre, shape.concat).t(), g).view({B, -1, H, W});
+    grad_x = grad_x_rows.view({B, H, W, -1}).permute({0, 3, 1, 2});
   }
-  // The dilated branches' input, converted once for all of them.
-  const at::Tensor x_conv = convolution_input(x_in);
   for (int64_t i : plan.full) {
-    auto [gx, gw] = branch_convolution_backward(grad_of(i), x_conv, weight.select(0, i), dilations[i]);
+    const at::Tensor g = shape.concat ? grad.narrow(1, i * cout, cout) : grad;
+    auto [gx, gw] = branch_convolution_backward(g, x, weight.select(0, i), dilations[i]);
     grad_weight.select(0, i).copy_(gw);
     grad_x = grad_x.defined() ? grad_x.add_(gx) : gx;
   }

@@ -1,10 +1,11 @@
-// multi_dilation_conv's CPU forward on small maps: one GEMM per tap that
-// reads the map (multi_dilation_conv_taps.cpp).
+// multi_dilation_conv on small CPU maps: one GEMM per tap that reads the map,
+// forward and backward (multi_dilation_conv_taps.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
 
 namespace medmtl {
 
@@ -16,5 +17,12 @@ namespace medmtl {
 // Returns (B, Cout or n * Cout, H, W), channels-last when x is, else NCHW.
 at::Tensor multi_dilation_conv_taps(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef dilations,
                                     const std::optional<at::Tensor>& bias, bool concat, bool relu);
+
+// (grad_x, grad_weight) of the above from grad_pre (B, Cout or n * Cout, H, W),
+// the gradient of the output before its activation, laid out as
+// empty_like(x) and empty_like(weight).
+std::tuple<at::Tensor, at::Tensor> multi_dilation_conv_taps_backward(const at::Tensor& grad_pre, const at::Tensor& x,
+                                                                     const at::Tensor& weight,
+                                                                     at::IntArrayRef dilations, bool concat);
 
 }  // namespace medmtl

@@ -83,6 +83,12 @@ class DilatedFeatureEnhancement(nn.Module):
                                       nn.BatchNorm2d(c))
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c, 1, bias=False), nn.BatchNorm2d(c))
         self.attention = nn.Conv2d(2, 1, 7, padding=3, bias=False) if spatial_attention else None
+        # The branches' convolution weights are stored with Cin innermost
+        # (channels-last), the layout in which the cpu backend's tap GEMMs read
+        # them in place; loading a state_dict copies into them and keeps it.
+        for branch in self.branches:
+            conv = branch[0]
+            conv.weight = nn.Parameter(conv.weight.detach().contiguous(memory_format=torch.channels_last))
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, dilations={self.dilations}, "
@@ -191,10 +197,13 @@ class DilatedFeatureEnhancement(nn.Module):
 
     @staticmethod
     def _as_3x3(weight: torch.Tensor) -> torch.Tensor:
-        """A (Cout, Cin, 1, 1) kernel as the centre of a 3x3 one (3x3 kernels pass through)."""
+        """A (Cout, Cin, 1, 1) kernel as the centre of a 3x3 one, stored with Cin
+        innermost (3x3 kernels pass through)."""
         if weight.shape[-1] == 3:
             return weight
-        return nn.functional.pad(weight, (1, 1, 1, 1))
+        kernel = weight.new_zeros(weight.shape[0], 3, 3, weight.shape[1]).permute(0, 3, 1, 2)
+        kernel[:, :, 1, 1] = weight[:, :, 0, 0]
+        return kernel
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):

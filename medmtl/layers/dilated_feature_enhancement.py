@@ -17,7 +17,8 @@ Eval mode folds the BatchNorms (and, for "sum", the 1x1 convolutions) into one
 multi-dilation convolution that skips padding-only taps; train mode runs
 each branch's convolution through the op (a branch whose off-centre taps read
 only padding becomes a 1x1 GEMM) and the BatchNorms as BatchNorm does (batch
-statistics, running-statistic updates).
+statistics, running-statistic updates). For "concat" the fuse convolution is
+the op too (one branch at dilation 1), in both modes.
 """
 
 from __future__ import annotations
@@ -83,11 +84,12 @@ class DilatedFeatureEnhancement(nn.Module):
                                       nn.BatchNorm2d(c))
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c, 1, bias=False), nn.BatchNorm2d(c))
         self.attention = nn.Conv2d(2, 1, 7, padding=3, bias=False) if spatial_attention else None
-        # The branches' convolution weights are stored with Cin innermost
-        # (channels-last), the layout in which the cpu backend's tap GEMMs read
-        # them in place; loading a state_dict copies into them and keeps it.
-        for branch in self.branches:
-            conv = branch[0]
+        # The 3x3 convolutions that run through multi_dilation_conv store their
+        # weights with Cin innermost (channels-last), the layout in which the
+        # cpu backend's tap GEMMs read them in place; loading a state_dict
+        # copies into them and keeps it.
+        convolutions = [branch[0] for branch in self.branches] + ([self.fuse[0]] if variant == "concat" else [])
+        for conv in convolutions:
             conv.weight = nn.Parameter(conv.weight.detach().contiguous(memory_format=torch.channels_last))
 
     def extra_repr(self) -> str:
@@ -137,7 +139,9 @@ class DilatedFeatureEnhancement(nn.Module):
     def _concat_train(self, x: torch.Tensor) -> torch.Tensor:
         raw = self._branch_convolutions(x, with_pointwise=True)
         branches = torch.cat([branch[2](branch[1](r)) for branch, r in zip(self.branches, raw)], 1)
-        return torch.relu(self.fuse(branches) + self.shortcut(x))
+        fuse_conv, fuse_bn = self.fuse
+        fused = fuse_bn(multi_dilation_conv(branches, fuse_conv.weight[None], [1], None, "sum"))
+        return torch.relu(fused + self.shortcut(x))
 
     # -- eval mode: BatchNorms (and for "sum" the 1x1 convolutions) folded
 
@@ -177,7 +181,7 @@ class DilatedFeatureEnhancement(nn.Module):
         weights, bias, fuse, shortcut = self._folded_parameters(self._fold_concat, x)
         branches = multi_dilation_conv(x, weights.to(x.dtype), [0] + self.dilations, bias.to(x.dtype), "concat",
                                        "relu")
-        fused = nn.functional.conv2d(branches, fuse[0].to(x.dtype), fuse[1].to(x.dtype), padding=1)
+        fused = multi_dilation_conv(branches, fuse[0].to(x.dtype), [1], fuse[1].to(x.dtype), "sum")
         residual = nn.functional.conv2d(x, shortcut[0].to(x.dtype), shortcut[1].to(x.dtype))
         return torch.relu_(fused.add_(residual))
 
@@ -187,7 +191,8 @@ class DilatedFeatureEnhancement(nn.Module):
             scale, shift = _bn_affine(branch[1])
             weights.append(self._as_3x3(branch[0].weight) * scale[:, None, None, None])
             biases.append(shift)
-        return (_cin_innermost(torch.stack(weights)), torch.cat(biases), _fold_conv_bn(self.fuse),
+        fuse_weight, fuse_bias = _fold_conv_bn(self.fuse)
+        return (_cin_innermost(torch.stack(weights)), torch.cat(biases), (_cin_innermost(fuse_weight[None]), fuse_bias),
                 _fold_conv_bn(self.shortcut))
 
     # -- helpers

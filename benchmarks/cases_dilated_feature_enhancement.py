@@ -89,6 +89,7 @@ CASES = [
     Case(f"dfe_{variant}_{'train' if training else 'eval'}", f"C{c}_{s}x{s}", _inputs(c, s, variant, training),
          f"DFE variant={variant}, {'train forward+backward' if training else 'eval forward'}, "
          f"(B, C, H, W) = ({BATCH}, {c}, {s}, {s}), dilations {DILATIONS}",
-         _providers(training), rounds=15, inference=not training, group=f"dfe_{variant}_{'train' if training else 'eval'}")
+         _providers(training), rounds=15, inference=not training,
+         group=f"dfe_{variant}_{'train' if training else 'eval'}")
     for variant in ("sum", "concat") for training in (False, True) for c, s in LEVELS
 ]

@@ -150,6 +150,11 @@ def test_state_dict_moves_both_ways():
     fresh.load_state_dict(plain.state_dict())  # plain -> layer
     for key, value in layer.state_dict().items():
         torch.testing.assert_close(fresh.state_dict()[key], value)
+    # The branch convolutions keep their Cin-innermost layout (the cpu
+    # backend's tap GEMMs read them in place) through .double() and loading.
+    for branch in fresh.branches:
+        assert branch[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert not branch[0].weight.is_contiguous()
     concat = DilatedFeatureEnhancement(4, 6, (6, 12), "concat", spatial_attention=False)
     assert set(concat.state_dict()) >= {"branches.0.0.weight", "branches.2.1.weight", "fuse.0.weight",
                                         "fuse.1.running_var", "shortcut.0.weight"}

@@ -53,18 +53,18 @@ def _compare_conv(x, weight, dilations, bias, combine, activation, atol, rtol):
 @pytest.mark.parametrize("combine", ["sum", "concat"])
 @pytest.mark.parametrize("activation", [None, "relu"])
 @pytest.mark.parametrize("with_bias", [True, False])
-# The CPU kernel's paths: maps under 40x40 pixels take the tap GEMMs forward
-# (on 14x14 dilation 18 reads the map only through its centre tap; 1-pixel
-# rows and columns have no vertical or horizontal taps); larger maps are
-# convolved channels-last with the centre-only branches (0 and 60 on 100x97)
-# as GEMMs; a single sparse branch on a small map (12 on 14x14, 18 on 28x28)
-# takes the per-tap backward, a single denser one (4 on 13x9) oneDNN's
-# backward as is.
+# The CPU kernel's paths. Maps under 40x40 pixels take the tap GEMMs, forward
+# and backward: on 14x14 dilation 18 reads the map only through its centre
+# tap; 1-pixel rows and columns have no vertical or horizontal taps; column
+# shifts of at most W / 8 (1 and 2 on 16x17, 1 and 3 on 12x24) run on whole
+# pixel rows with the wrapped columns masked, wider ones on column blocks.
+# Larger maps are convolved channels-last, with the centre-only branches (0
+# and 60 on 100x97) as GEMMs.
 @pytest.mark.parametrize("hw,dilations", [((14, 14), [6, 12, 18]), ((5, 7), [0, 1, 2]), ((1, 1), [6, 12, 18]),
                                           ((14, 14), [18]), ((9, 4), [0, 3, 5]), ((28, 28), [6, 12, 18]),
                                           ((11, 20), [2, 9, 0]), ((100, 97), [5, 0, 60]), ((14, 14), [12]),
                                           ((28, 28), [18]), ((13, 9), [4]), ((1, 30), [1, 6, 6]),
-                                          ((30, 1), [0, 2])])
+                                          ((30, 1), [0, 2]), ((16, 17), [1, 2]), ((12, 24), [3, 1, 0, 9])])
 def test_conv_matches_reference_float64(combine, activation, with_bias, hw, dilations):
     x = _x((2, 3, *hw))
     weight, bias = _params(len(dilations), 4, 3, combine, torch.float64, with_bias=with_bias)
@@ -122,6 +122,10 @@ def test_conv_weight_layouts(combine, weight_layout, hw):
         weight = torch.cat([weight, weight], 2)[:, :, ::2]
     weight.requires_grad_()
     _compare_conv(x, weight, [0, 6, 12, 18], bias, combine, "relu", atol=1e-10, rtol=1e-10)
+    with medmtl.backend("cpu"):
+        out = multi_dilation_conv(x, weight, [0, 6, 12, 18], bias, combine, "relu")
+    (grad_weight,) = torch.autograd.grad(out.sum(), weight)
+    assert grad_weight.stride() == torch.empty_like(weight).stride()
 
 
 @pytest.mark.parametrize("combine", ["sum", "concat"])

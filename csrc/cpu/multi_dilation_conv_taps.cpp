@@ -14,10 +14,16 @@
 //   the map and the accumulator.
 // - The centre taps of all branches are one GEMM (their weights summed for a
 //   sum, stacked for a concat); in the forward its initial value is the bias.
-// - The taps with a column shift dx != 0 read the columns [x0 + dx, x1 + dx):
-//   those are copied once per dx into a compact (H, B, x1 - x0, C) block, the
-//   taps' GEMMs run on it into a compact accumulator, which is added into
-//   the columns it belongs to once.
+// - A tap with a narrow column shift (8 |dx| <= W, as in a dense 3x3) is also
+//   one GEMM over whole pixel rows, with the input shifted by dx pixels: the
+//   |dx| columns at one edge then read the neighbouring row instead of
+//   padding, so the forward saves the accumulator's values there before the
+//   group of taps with that dx and restores them after, and the backward
+//   uses a copy of the gradient with those columns zeroed.
+// - A tap with a wide column shift reads the columns [x0 + dx, x1 + dx),
+//   which are copied once per dx into a compact (H, B, x1 - x0, C) block; the
+//   taps' GEMMs run on it into a compact accumulator, which is added into the
+//   columns it belongs to once.
 //
 // The backward runs the same GEMMs transposed: for each tap,
 // grad_W_tap = G_r^T X_r' and grad_x[r'] += G_r W_tap, with r the tap's
@@ -32,6 +38,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <vector>
 
@@ -48,20 +55,43 @@ struct Tap {
 };
 
 // The off-centre taps that add into one slice of the output channels (all of
-// them for a sum; branch `slice`'s for a concat): those with dx == 0, and per
-// column shift dx != 0 the others, the one with dy == 0 (which covers every
-// row) first.
+// them for a sum; branch `slice`'s for a concat), by column shift dx, the one
+// with dy == 0 (which covers every row) first.
 struct SliceTaps {
   int64_t slice;
-  std::vector<Tap> whole_rows;
   std::map<int64_t, std::vector<Tap>> by_column_shift;
 };
+
+// Whether the taps with column shift dx run on whole pixel rows (else on a
+// compact block of the columns they read).
+bool on_whole_rows(int64_t dx, int64_t W) { return 8 * std::abs(dx) <= W; }
+
+// The columns [first, first + count) where a tap with column shift dx, run on
+// whole pixel rows, reads the neighbouring row instead of padding.
+struct WrappedColumns {
+  int64_t first, count;
+};
+
+WrappedColumns wrapped_columns(int64_t dx, int64_t W) { return {dx > 0 ? W - dx : 0, std::abs(dx)}; }
+
+// A tap on whole pixel rows: the output pixels [begin, begin + count) of the
+// flattened (H B W) rows read the input pixels [begin + offset, ...). The
+// |dx| outputs that would read before the first or past the last pixel are
+// left out (they are wrapped columns).
+struct PixelRange {
+  int64_t begin, count, offset;
+};
+
+PixelRange pixel_range(const Tap& tap, int64_t B, int64_t W) {
+  const int64_t row = B * W, lead = tap.dx < 0 ? -tap.dx : 0, trail = tap.dx > 0 ? tap.dx : 0;
+  return {tap.y0 * row + lead, (tap.y1 - tap.y0) * row - lead - trail, tap.dy * row + tap.dx};
+}
 
 std::vector<SliceTaps> plan_taps(at::IntArrayRef dilations, bool concat, int64_t H, int64_t W) {
   const int64_t n = static_cast<int64_t>(dilations.size());
   std::vector<SliceTaps> slices;
   for (int64_t s = 0; s < (concat ? n : 1); ++s) {
-    SliceTaps plan{s, {}, {}};
+    SliceTaps plan{s, {}};
     for (int64_t i = concat ? s : 0; i < (concat ? s + 1 : n); ++i)
       for (int64_t ky = 0; ky < 3; ++ky)
         for (int64_t kx = 0; kx < 3; ++kx) {
@@ -70,7 +100,7 @@ std::vector<SliceTaps> plan_taps(at::IntArrayRef dilations, bool concat, int64_t
           if (core::tap_only_padding(dy, dx, H, W)) continue;
           const Tap tap{i, ky, kx, dy, dx, core::tap_output_begin(dy, H), core::tap_output_end(dy, H),
                         core::tap_output_begin(dx, W), core::tap_output_end(dx, W)};
-          (dx == 0 ? plan.whole_rows : plan.by_column_shift[dx]).push_back(tap);
+          plan.by_column_shift[dx].push_back(tap);
         }
     for (auto& [dx, taps] : plan.by_column_shift)
       std::stable_partition(taps.begin(), taps.end(), [](const Tap& tap) { return tap.dy == 0; });
@@ -149,6 +179,11 @@ at::Tensor pixel_matrix(const at::Tensor& t) { return t.view({-1, t.size(-1)}); 
 // The image rows [y0, y0 + count) of pixel rows, as a (pixels, C) matrix.
 at::Tensor image_rows(const at::Tensor& t, int64_t y0, int64_t count) { return pixel_matrix(t.narrow(0, y0, count)); }
 
+// The flattened pixels [begin, begin + count) of pixel rows, as a (pixels, C) matrix.
+at::Tensor pixels(const at::Tensor& t, int64_t begin, int64_t count) {
+  return pixel_matrix(t).narrow(0, begin, count);
+}
+
 // t (B, C, H, W) as pixel rows (H, B, W, C).
 at::Tensor to_pixel_rows(const at::Tensor& t) {
   if (!t.is_contiguous()) return t.permute({2, 0, 3, 1}).contiguous();  // channels-last: row blocks
@@ -215,12 +250,19 @@ at::Tensor multi_dilation_conv_taps(const at::Tensor& x, const at::Tensor& weigh
   std::map<int64_t, at::Tensor> shifted_columns;  // dx -> the compact block its taps read
   for (const SliceTaps& plan : plan_taps(dilations, concat, H, W)) {
     const at::Tensor acc_slice = acc.narrow(3, plan.slice * cout, cout);
-    for (const Tap& tap : plan.whole_rows) {  // from the map straight into the accumulator
-      const int64_t count = tap.y1 - tap.y0;
-      image_rows(acc_slice, tap.y0, count)
-          .addmm_(image_rows(rows, tap.y0 + tap.dy, count), tap_matrix(weight, tap.branch, tap.ky, tap.kx).t());
-    }
     for (const auto& [dx, taps] : plan.by_column_shift) {
+      if (on_whole_rows(dx, W)) {  // from the map straight into the accumulator
+        const WrappedColumns wrapped = wrapped_columns(dx, W);
+        const at::Tensor wrapped_acc = acc_slice.narrow(2, wrapped.first, wrapped.count);
+        const at::Tensor saved = wrapped_acc.clone();
+        for (const Tap& tap : taps) {
+          const PixelRange r = pixel_range(tap, B, W);
+          pixels(acc_slice, r.begin, r.count)
+              .addmm_(pixels(rows, r.begin + r.offset, r.count), tap_matrix(weight, tap.branch, tap.ky, tap.kx).t());
+        }
+        wrapped_acc.copy_(saved);
+        continue;
+      }
       const int64_t x0 = taps[0].x0, width = taps[0].x1 - taps[0].x0;
       at::Tensor& columns = shifted_columns[dx];
       if (!columns.defined()) columns = column_block(rows, x0 + dx, width);  // (H, B, width, Cin)
@@ -271,14 +313,24 @@ std::tuple<at::Tensor, at::Tensor> multi_dilation_conv_taps_backward(const at::T
   std::map<int64_t, at::Tensor> shifted_columns;  // dx -> the compact block of x its taps read
   for (const SliceTaps& plan : plan_taps(dilations, concat, H, W)) {
     const at::Tensor grads_slice = grads.narrow(3, plan.slice * cout, cout);
-    for (const Tap& tap : plan.whole_rows) {
-      const int64_t count = tap.y1 - tap.y0;
-      const at::Tensor g_tap = image_rows(grads_slice, tap.y0, count);
-      at::Tensor gw = grad_tap(tap);
-      at::mm_out(gw, g_tap.t(), image_rows(rows, tap.y0 + tap.dy, count));
-      image_rows(grad_rows, tap.y0 + tap.dy, count).addmm_(g_tap, tap_matrix(weight, tap.branch, tap.ky, tap.kx));
-    }
     for (const auto& [dx, taps] : plan.by_column_shift) {
+      if (on_whole_rows(dx, W)) {
+        // The gradient with the wrapped columns zeroed: they add nothing.
+        at::Tensor g = grads_slice;
+        if (dx != 0) {
+          const WrappedColumns wrapped = wrapped_columns(dx, W);
+          g = grads_slice.clone(at::MemoryFormat::Contiguous);
+          g.narrow(2, wrapped.first, wrapped.count).zero_();
+        }
+        for (const Tap& tap : taps) {
+          const PixelRange r = pixel_range(tap, B, W);
+          const at::Tensor g_tap = pixels(g, r.begin, r.count);
+          at::Tensor gw = grad_tap(tap);
+          at::mm_out(gw, g_tap.t(), pixels(rows, r.begin + r.offset, r.count));
+          pixels(grad_rows, r.begin + r.offset, r.count).addmm_(g_tap, tap_matrix(weight, tap.branch, tap.ky, tap.kx));
+        }
+        continue;
+      }
       const int64_t x0 = taps[0].x0, width = taps[0].x1 - taps[0].x0;
       at::Tensor& columns = shifted_columns[dx];
       if (!columns.defined()) columns = column_block(rows, x0 + dx, width);  // (H, B, width, Cin)

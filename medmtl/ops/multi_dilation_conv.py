@@ -6,9 +6,14 @@ keeps its size); a dilation of 0 is a 1x1 branch. The branches are summed
 ("sum", then bias and activation) or concatenated ("concat", each with its own
 bias slice and activation). Taps that read only padding are skipped (at
 dilations 12 and 18 on 14x14 or 28x28 maps most taps do): per tile in the CUDA
-and Triton kernels; on the CPU a branch whose off-centre taps all read padding
-runs as a 1x1 GEMM with the other such branches, and the rest go through
-oneDNN's convolution, which is faster there than per-tap GEMMs.
+and Triton kernels; on the CPU, maps under 40x40 run one GEMM per tap over the
+positions where it reads the map, and larger maps run oneDNN's convolutions
+(which skip such taps themselves) channels-last, a branch that reads the map
+only through its centre as a 1x1 GEMM.
+
+The CPU kernel reads the weight in place when Cin is innermost
+(weight.permute(0, 1, 3, 4, 2) contiguous; DilatedFeatureEnhancement stores
+its weights so) and copies it otherwise.
 """
 
 from __future__ import annotations

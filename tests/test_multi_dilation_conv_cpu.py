@@ -129,6 +129,19 @@ def test_conv_weight_layouts(combine, weight_layout, hw):
 
 
 @pytest.mark.parametrize("combine", ["sum", "concat"])
+@pytest.mark.parametrize("hw", [(14, 14), (45, 44)])
+def test_conv_empty_batch(combine, hw):
+    """A batch of 0 images gives an empty output and zero weight and bias gradients."""
+    x = _x((0, 4, *hw))
+    weight, bias = _params(2, 3, 4, combine, torch.float64)
+    with medmtl.backend("cpu"):
+        out = multi_dilation_conv(x, weight, [1, 6], bias, combine, "relu")
+    assert out.shape == (0, 3 * (2 if combine == "concat" else 1), *hw)
+    grads = torch.autograd.grad(out.sum(), [x, weight, bias])
+    assert grads[0].shape == x.shape and grads[1].abs().max() == 0 and grads[2].abs().max() == 0
+
+
+@pytest.mark.parametrize("combine", ["sum", "concat"])
 def test_conv_gradcheck(combine):
     x = _x((1, 2, 4, 5))
     weight, bias = _params(3, 2, 2, combine, torch.float64)

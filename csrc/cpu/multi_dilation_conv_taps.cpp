@@ -234,6 +234,7 @@ at::Tensor multi_dilation_conv_taps(const at::Tensor& x, const at::Tensor& weigh
                                     const std::optional<at::Tensor>& bias, bool concat, bool relu) {
   const int64_t B = x.size(0), cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t n = weight_in.size(0), cout = weight_in.size(1), channels = concat ? n * cout : cout;
+  if (B == 0) return at::empty({0, channels, H, W}, x.options().memory_format(output_format(x)));
   const at::Tensor weight = cin_innermost(weight_in);
   const at::Tensor rows = to_pixel_rows(x);                         // (H, B, W, Cin)
   at::Tensor acc = at::empty({H, B, W, channels}, x.options());  // (H, B, W, channels)
@@ -288,6 +289,7 @@ std::tuple<at::Tensor, at::Tensor> multi_dilation_conv_taps_backward(const at::T
                                                                      at::IntArrayRef dilations, bool concat) {
   const int64_t B = x.size(0), cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t n = weight_in.size(0), cout = weight_in.size(1);
+  if (B == 0) return {at::zeros_like(x), at::zeros_like(weight_in)};
   const at::Tensor weight = cin_innermost(weight_in);
   const at::Tensor rows = to_pixel_rows(x);          // (H, B, W, Cin)
   const at::Tensor grads = to_pixel_rows(grad_pre);  // (H, B, W, channels)

@@ -128,6 +128,29 @@ def test_conv_weight_layouts(combine, weight_layout, hw):
     assert grad_weight.stride() == torch.empty_like(weight).stride()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("combine", ["sum", "concat"])
+@pytest.mark.parametrize("hw", [(14, 14), (45, 44)])
+def test_conv_half_precision(dtype, combine, hw):
+    """16-bit inputs (tap GEMMs on the small map, ATen's convolutions on the
+    large one) against the float64 reference, to 16-bit precision (without the
+    ReLU, whose mask flips where 16-bit rounding changes a near-zero sign)."""
+    x64 = _x((2, 8, *hw))
+    w64, b64 = _params(3, 4, 8, combine, torch.float64)
+    x, weight, bias = (t.detach().to(dtype).requires_grad_() for t in (x64, w64, b64))
+    with medmtl.backend("cpu"):
+        out = multi_dilation_conv(x, weight, [1, 6, 12], bias, combine)
+    with medmtl.backend("reference"):
+        expected = multi_dilation_conv(x.double(), weight.double(), [1, 6, 12], bias.double(), combine)
+    assert out.dtype == dtype
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = [out] + list(torch.autograd.grad(out, [x, weight, bias], grad.to(dtype)))
+    want = [expected] + list(torch.autograd.grad(expected, [x, weight, bias], grad))
+    for g, e in zip(got, want):
+        scale = e.abs().max().item()
+        torch.testing.assert_close(g.double(), e.double(), atol=0.02 * scale, rtol=0.02)
+
+
 @pytest.mark.parametrize("combine", ["sum", "concat"])
 @pytest.mark.parametrize("hw", [(14, 14), (45, 44)])
 def test_conv_empty_batch(combine, hw):

@@ -265,7 +265,7 @@ at::Tensor multi_dilation_conv_taps(const at::Tensor& x, const at::Tensor& weigh
       if (on_whole_rows(dx, W)) {  // from the map straight into the accumulator
         const WrappedColumns wrapped = wrapped_columns(dx, W);
         const at::Tensor wrapped_acc = acc_slice.narrow(2, wrapped.first, wrapped.count);
-        const at::Tensor saved = wrapped_acc.clone();
+        const at::Tensor saved = wrapped_acc.clone();  // empty for dx = 0
         for (const Tap& tap : taps) {
           const PixelRange r = pixel_range(tap, B, W);
           pixels(acc_slice, r.begin, r.count)
@@ -328,15 +328,15 @@ std::tuple<at::Tensor, at::Tensor> multi_dilation_conv_taps_backward(const at::T
     for (const auto& [dx, taps] : plan.by_column_shift) {
       if (on_whole_rows(dx, W)) {
         // The gradient with the wrapped columns zeroed: they add nothing.
-        at::Tensor g = grads_slice;
+        at::Tensor masked = grads_slice;
         if (dx != 0) {
           const WrappedColumns wrapped = wrapped_columns(dx, W);
-          g = grads_slice.clone(at::MemoryFormat::Contiguous);
-          g.narrow(2, wrapped.first, wrapped.count).zero_();
+          masked = grads_slice.clone(at::MemoryFormat::Contiguous);
+          masked.narrow(2, wrapped.first, wrapped.count).zero_();
         }
         for (const Tap& tap : taps) {
           const PixelRange r = pixel_range(tap, B, W);
-          const at::Tensor g_tap = pixels(g, r.begin, r.count);
+          const at::Tensor g_tap = pixels(masked, r.begin, r.count);
           at::Tensor gw = grad_tap(tap);
           at::mm_out(gw, g_tap.t(), pixels(rows, r.begin + r.offset, r.count));
           pixels(grad_rows, r.begin + r.offset, r.count).addmm_(g_tap, tap_matrix(weight, tap.branch, tap.ky, tap.kx));

@@ -58,8 +58,9 @@ def _compare_conv(x, weight, dilations, bias, combine, activation, atol, rtol):
 # tap; 1-pixel rows and columns have no vertical or horizontal taps; column
 # shifts of at most W / 8 (1 and 2 on 16x17, 1 and 3 on 12x24) run on whole
 # pixel rows with the wrapped columns masked, wider ones on column blocks.
-# Larger maps are convolved channels-last, with the centre-only branches (0
-# and 60 on 100x97) as GEMMs.
+# Larger maps, and a batch of more than 1024 pixels whose taps mostly read the
+# map (6, 12, 18 on 28x28, but not 18 alone), are convolved channels-last by
+# oneDNN, with the centre-only branches (0 and 60 on 100x97) as GEMMs.
 @pytest.mark.parametrize("hw,dilations", [((14, 14), [6, 12, 18]), ((5, 7), [0, 1, 2]), ((1, 1), [6, 12, 18]),
                                           ((14, 14), [18]), ((9, 4), [0, 3, 5]), ((28, 28), [6, 12, 18]),
                                           ((11, 20), [2, 9, 0]), ((100, 97), [5, 0, 60]), ((14, 14), [12]),

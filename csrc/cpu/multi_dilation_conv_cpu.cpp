@@ -5,7 +5,9 @@
 // one GEMM per tap that reads the map (multi_dilation_conv_taps.cpp). There
 // most taps of the large dilations read only padding, and oneDNN's per-call
 // weight reorder costs about as much as its convolution (512 channels on
-// 14x14); its backward ran at half the GEMMs' rate.
+// 14x14); its NCHW backward ran at half the GEMMs' rate. A small map whose
+// taps mostly read it, with enough pixels in the batch, goes to oneDNN as a
+// large map does (uses_tap_gemms).
 //
 // Forward on large maps, channels-last: a branch whose off-centre taps all
 // read padding (a 1x1 branch, or a dilation at least the map's size) is a GEMM
@@ -75,6 +77,37 @@ at::Tensor centre_weight(const at::Tensor& weight, const std::vector<int64_t>& b
 // 64 channels at 112x112 and 1.2-2x for 128 at 56x56); smaller maps take the
 // tap GEMMs, forward and backward.
 constexpr int64_t kChannelsLastPixels = 40 * 40;
+
+// On a smaller map the tap GEMMs are used for at most this many pixels of the
+// batch whatever the taps' density (up to there oneDNN's per-call weight
+// reorder costs more than the taps it skips: 512 channels on 2 x 14 x 14)...
+constexpr int64_t kTapGemmPixels = 1024;
+// ... and beyond that while the off-centre taps read the map on less than
+// this fraction of their positions (denser branches, as 6 and 12 alone or a
+// dense 3x3 on 2 x 28 x 28, were 10-25% faster through oneDNN).
+constexpr double kTapGemmDensity = 0.4;
+
+// The fraction of the off-centre tap positions of all branches that read the
+// map (0 when every branch is 1x1).
+double off_centre_density(at::IntArrayRef dilations, int64_t H, int64_t W) {
+  int64_t read = 0, taps = 0;
+  for (int64_t d : dilations)
+    for (int64_t ky = 0; ky < 3; ++ky)
+      for (int64_t kx = 0; kx < 3; ++kx) {
+        if ((ky == 1 && kx == 1) || !core::tap_exists(ky, kx, d)) continue;
+        const int64_t dy = core::tap_shift(ky, d), dx = core::tap_shift(kx, d);
+        read += (core::tap_output_end(dy, H) - core::tap_output_begin(dy, H)) *
+                (core::tap_output_end(dx, W) - core::tap_output_begin(dx, W));
+        ++taps;
+      }
+  return taps == 0 ? 0.0 : static_cast<double>(read) / (static_cast<double>(taps) * H * W);
+}
+
+// Whether x's convolutions take the tap GEMMs (else oneDNN, channels-last).
+bool uses_tap_gemms(int64_t batch, int64_t H, int64_t W, at::IntArrayRef dilations) {
+  return H * W < kChannelsLastPixels &&
+         (batch * H * W <= kTapGemmPixels || off_centre_density(dilations, H, W) < kTapGemmDensity);
+}
 
 // oneDNN's fused convolutions, as PyTorch's mkldnn build registers them for
 // Inductor: conv + bias (+ ReLU) into a new tensor, and conv + bias added
@@ -193,7 +226,7 @@ at::Tensor concat_branches(const at::Tensor& x, const at::Tensor& weight, at::In
 at::Tensor multi_dilation_conv_cpu(const at::Tensor& x_in, const at::Tensor& weight, at::IntArrayRef dilations,
                                    const std::optional<at::Tensor>& bias, c10::string_view combine, bool relu) {
   const MultiDilationConvShape shape = check_multi_dilation_conv_inputs(x_in, weight, dilations, bias, combine);
-  if (shape.height * shape.width < kChannelsLastPixels)
+  if (uses_tap_gemms(shape.batch, shape.height, shape.width, dilations))
     return multi_dilation_conv_taps(x_in, weight, dilations, bias, shape.concat, relu);
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const BranchPlan plan = plan_branches(dilations, shape.height, shape.width);
@@ -226,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_dilation_conv_backward_cpu(
   const at::Tensor grad_pre = relu ? grad_output.masked_fill(output.le(0), 0) : grad_output;
   const at::Tensor grad_bias = grad_pre.sum({0, 2, 3});
   // The gradients come back laid out as empty_like(x) and empty_like(weight).
-  if (H * W < kChannelsLastPixels) {
+  if (uses_tap_gemms(B, H, W, dilations)) {
     auto [grad_x, grad_weight] = multi_dilation_conv_taps_backward(grad_pre, x_in, weight, dilations, shape.concat);
     return {grad_x, grad_weight, grad_bias};
   }

@@ -7,7 +7,8 @@ keeps its size); a dilation of 0 is a 1x1 branch. The branches are summed
 bias slice and activation). Taps that read only padding are skipped (at
 dilations 12 and 18 on 14x14 or 28x28 maps most taps do): per tile in the CUDA
 and Triton kernels; on the CPU, maps under 40x40 run one GEMM per tap over the
-positions where it reads the map, and larger maps run oneDNN's convolutions
+positions where it reads the map (unless the batch has more than 1024 pixels
+and the taps mostly read the map), and the others run oneDNN's convolutions
 (which skip such taps themselves) channels-last, a branch that reads the map
 only through its centre as a 1x1 GEMM.
 

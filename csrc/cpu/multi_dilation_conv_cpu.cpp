@@ -9,7 +9,7 @@
 // taps mostly read it, with enough pixels in the batch, goes to oneDNN as a
 // large map does (uses_tap_gemms).
 //
-// Forward on large maps, channels-last: a branch whose off-centre taps all
+// Forward through oneDNN, channels-last: a branch whose off-centre taps all
 // read padding (a 1x1 branch, or a dilation at least the map's size) is a GEMM
 // over the pixel rows (for a sum, all such branches in one GEMM with their
 // weights summed); every other branch is one oneDNN convolution, which skips
@@ -23,7 +23,7 @@
 // result is copied out a band of rows at a time); input gradients come back
 // laid out as empty_like(input) (csrc/layout.h).
 //
-// Backward on large maps, channels-last: the centre GEMM's gradients are
+// Backward through oneDNN, channels-last: the centre GEMM's gradients are
 // GEMMs on the pixel rows; every other branch takes ATen's convolution
 // backward (the NCHW one was 1.4-4x slower at 56x56 and 112x112).
 #include <ATen/ATen.h>
@@ -63,13 +63,14 @@ BranchPlan plan_branches(at::IntArrayRef dilations, int64_t H, int64_t W) {
   return plan;
 }
 
-// The centre-only branches' centre weights: summed (Cout x Cin) or stacked
-// (branches * Cout x Cin, in branch order).
-at::Tensor centre_weight(const at::Tensor& weight, const std::vector<int64_t>& branches, bool concat) {
-  std::vector<at::Tensor> parts;
-  for (int64_t i : branches) parts.push_back(weight.select(0, i).select(2, 1).select(2, 1));
-  if (parts.size() == 1) return parts[0].contiguous();
-  return concat ? at::cat(parts, 0) : at::stack(parts).sum(0);
+// The centre-only branches' centre weights summed, (Cout, Cin).
+at::Tensor centre_weight(const at::Tensor& weight, const std::vector<int64_t>& branches) {
+  at::Tensor total;
+  for (int64_t i : branches) {
+    const at::Tensor centre = weight.select(0, i).select(2, 1).select(2, 1);
+    total = total.defined() ? total.add_(centre) : centre.clone(at::MemoryFormat::Contiguous);
+  }
+  return total;
 }
 
 // Maps of at least this many pixels are convolved by oneDNN, channels-last
@@ -163,18 +164,21 @@ bool fuses_convolutions(const at::Tensor& x_conv, const BranchPlan& plan) {
          x_conv.scalar_type() == at::kFloat && !plan.full.empty() && x_conv.numel() > 0;
 }
 
-// A channels-last (B, C, H, W) tensor as its (B H W, C) pixel rows (a view).
-at::Tensor pixel_rows(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
+// A channels-last (B, C, H, W) tensor as its (B H W, C) pixel matrix (a view;
+// not the tap GEMMs' (H, B, W, C) rows).
+at::Tensor channels_last_pixels(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
 
-// Sum on a large map, channels-last: act(bias + centre GEMM + each dilated
-// branch). The first result carries the bias; the later ones are added into it.
+// Sum through oneDNN (large maps, or dense ones), channels-last:
+// act(bias + centre GEMM + each dilated branch). The first result carries the
+// bias; the later ones are added into it.
 at::Tensor sum_branches(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef dilations,
                         const std::optional<at::Tensor>& bias, bool relu, const BranchPlan& plan) {
   const bool fused = fuses_convolutions(x, plan);
   at::Tensor acc;
   if (!plan.centre.empty()) {
-    const at::Tensor centre = centre_weight(weight, plan.centre, false).t();  // (Cin, Cout)
-    const at::Tensor rows = bias.has_value() ? at::addmm(*bias, pixel_rows(x), centre) : at::mm(pixel_rows(x), centre);
+    const at::Tensor centre = centre_weight(weight, plan.centre).t();  // (Cin, Cout)
+    const at::Tensor pixels = channels_last_pixels(x);
+    const at::Tensor rows = bias.has_value() ? at::addmm(*bias, pixels, centre) : at::mm(pixels, centre);
     acc = rows.view({x.size(0), x.size(2), x.size(3), -1}).permute({0, 3, 1, 2});
   }
   for (size_t k = 0; k < plan.full.size(); ++k) {
@@ -192,8 +196,9 @@ at::Tensor sum_branches(const at::Tensor& x, const at::Tensor& weight, at::IntAr
   return acc;
 }
 
-// Concat on a large map, channels-last: each branch, with its bias slice and
-// activation, into its slice of the output channels.
+// Concat through oneDNN (large maps, or dense ones), channels-last: each
+// branch, with its bias slice and activation, into its slice of the output
+// channels.
 at::Tensor concat_branches(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef dilations,
                            const std::optional<at::Tensor>& bias, bool relu, const BranchPlan& plan) {
   const int64_t n = weight.size(0), cout = weight.size(1);
@@ -204,12 +209,12 @@ at::Tensor concat_branches(const at::Tensor& x, const at::Tensor& weight, at::In
     return bias.has_value() ? std::optional<at::Tensor>(bias->narrow(0, i * cout, cout)) : std::nullopt;
   };
   for (int64_t i : plan.centre) {
-    at::Tensor slice = pixel_rows(out).narrow(1, i * cout, cout);
+    at::Tensor slice = channels_last_pixels(out).narrow(1, i * cout, cout);
     const at::Tensor centre = weight.select(0, i).select(2, 1).select(2, 1).t();  // (Cin, Cout)
     if (bias.has_value())
-      at::addmm_out(slice, *bias_of(i), pixel_rows(x), centre);
+      at::addmm_out(slice, *bias_of(i), channels_last_pixels(x), centre);
     else
-      at::mm_out(slice, pixel_rows(x), centre);
+      at::mm_out(slice, channels_last_pixels(x), centre);
     if (relu) slice.relu_();
   }
   for (int64_t i : plan.full) {
@@ -236,7 +241,7 @@ at::Tensor multi_dilation_conv_cpu(const at::Tensor& x_in, const at::Tensor& wei
 }
 
 
-// ATen's convolution backward of one dilated branch on a large map,
+// ATen's convolution backward of one dilated branch,
 // channels-last (oneDNN's NCHW backward was 1.4-4x slower at 56x56 and
 // 112x112): (grad_x, grad_weight).
 std::tuple<at::Tensor, at::Tensor> branch_convolution_backward(const at::Tensor& grad, const at::Tensor& x,
@@ -263,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_dilation_conv_backward_cpu(
     auto [grad_x, grad_weight] = multi_dilation_conv_taps_backward(grad_pre, x_in, weight, dilations, shape.concat);
     return {grad_x, grad_weight, grad_bias};
   }
-  // Large maps: channels-last.
+  // oneDNN's path (large maps, or dense ones): channels-last.
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor grad = grad_pre.contiguous(at::MemoryFormat::ChannelsLast);
   const BranchPlan plan = plan_branches(dilations, H, W);
@@ -278,12 +283,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_dilation_conv_backward_cpu(
   at::Tensor grad_x;
   if (!plan.centre.empty()) {
     // The centre GEMMs on the pixel rows: grad_W = G^T X and grad_x = G W.
-    const at::Tensor x_rows = pixel_rows(x), grad_rows = pixel_rows(grad);
+    const at::Tensor x_rows = channels_last_pixels(x), grad_rows = channels_last_pixels(grad);
     at::Tensor grad_x_rows;
     if (!shape.concat) {  // the centre-only branches all see the whole gradient
       const at::Tensor grad_centre = at::mm(grad_rows.t(), x_rows);
       for (int64_t i : plan.centre) grad_centre_of(i).copy_(grad_centre);
-      grad_x_rows = at::mm(grad_rows, centre_weight(weight, plan.centre, false));
+      grad_x_rows = at::mm(grad_rows, centre_weight(weight, plan.centre));
     } else {
       for (int64_t i : plan.centre) {
         const at::Tensor g = grad_rows.narrow(1, i * cout, cout);

@@ -196,7 +196,7 @@ at::Tensor pixels(const at::Tensor& t, int64_t begin, int64_t count) {
 
 // t (B, C, H, W) as pixel rows (H, B, W, C).
 at::Tensor to_pixel_rows(const at::Tensor& t) {
-  if (!t.is_contiguous()) return t.permute({2, 0, 3, 1}).contiguous();  // channels-last: row blocks
+  if (!t.is_contiguous()) return t.permute({2, 0, 3, 1}).contiguous();  // channels-last (row blocks) or strided
   const int64_t B = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
   at::Tensor rows = at::empty({H, B, W, C}, t.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "to_pixel_rows", [&] {

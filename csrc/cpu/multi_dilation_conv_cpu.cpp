@@ -37,6 +37,7 @@
 #include "../layout.h"
 #include "../multi_dilation_conv_checks.h"
 #include "multi_dilation_conv_taps.h"
+#include "winograd_conv3x3.h"
 
 namespace medmtl {
 namespace {
@@ -168,6 +169,12 @@ bool fuses_convolutions(const at::Tensor& x_conv, const BranchPlan& plan) {
 // not the tap GEMMs' (H, B, W, C) rows).
 at::Tensor channels_last_pixels(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
 
+// Whether dilated branch w (Cout, Cin, 3, 3) at dilation d runs as Winograd
+// tiles on x (else through oneDNN).
+bool winograd_branch(const at::Tensor& x, const at::Tensor& w, int64_t d) {
+  return winograd_pays(x.size(0), x.size(2), x.size(3), d, w.size(1), w.size(0), x.scalar_type());
+}
+
 // Sum through oneDNN (large maps, or dense ones), channels-last:
 // act(bias + centre GEMM + each dilated branch). The first result carries the
 // bias; the later ones are added into it.
@@ -181,18 +188,28 @@ at::Tensor sum_branches(const at::Tensor& x, const at::Tensor& weight, at::IntAr
     const at::Tensor rows = bias.has_value() ? at::addmm(*bias, pixels, centre) : at::mm(pixels, centre);
     acc = rows.view({x.size(0), x.size(2), x.size(3), -1}).permute({0, 3, 1, 2});
   }
+  bool relu_applied = false;
   for (size_t k = 0; k < plan.full.size(); ++k) {
     const int64_t i = plan.full[k], d = dilations[i];
-    const at::Tensor w = weight.select(0, i).contiguous(at::MemoryFormat::ChannelsLast);
+    const bool last = k + 1 == plan.full.size();
+    const at::Tensor w = weight.select(0, i);
     const std::optional<at::Tensor> first_bias = acc.defined() ? std::nullopt : bias;
-    if (fused) {
-      acc = fused_convolution(x, w, first_bias, d, relu && k + 1 == plan.full.size(), acc);
+    if (winograd_branch(x, w, d)) {
+      const bool accumulate = acc.defined();
+      if (!accumulate)
+        acc = at::empty({x.size(0), w.size(0), x.size(2), x.size(3)},
+                        x.options().memory_format(at::MemoryFormat::ChannelsLast));
+      winograd_conv3x3_into(x, w, d, first_bias, accumulate, relu && last, acc);
+      relu_applied = relu && last;
+    } else if (fused) {
+      acc = fused_convolution(x, w.contiguous(at::MemoryFormat::ChannelsLast), first_bias, d, relu && last, acc);
+      relu_applied = relu && last;
     } else {
-      const at::Tensor y = at::conv2d(x, w, first_bias, 1, d, d);
+      const at::Tensor y = at::conv2d(x, w.contiguous(at::MemoryFormat::ChannelsLast), first_bias, 1, d, d);
       acc = acc.defined() ? acc.add_(y) : y;
     }
   }
-  if (relu && !fused) acc.relu_();
+  if (relu && !relu_applied) acc.relu_();
   return acc;
 }
 
@@ -219,6 +236,11 @@ at::Tensor concat_branches(const at::Tensor& x, const at::Tensor& weight, at::In
   }
   for (int64_t i : plan.full) {
     const int64_t d = dilations[i];
+    if (winograd_branch(x, weight.select(0, i), d)) {
+      at::Tensor slice = out.narrow(1, i * cout, cout);
+      winograd_conv3x3_into(x, weight.select(0, i), d, bias_of(i), false, relu, slice);
+      continue;
+    }
     const at::Tensor w = weight.select(0, i).contiguous(at::MemoryFormat::ChannelsLast);
     at::Tensor y = fused ? fused_convolution(x, w, bias_of(i), d, relu, at::Tensor())
                          : at::conv2d(x, w, bias_of(i), 1, d, d);
@@ -246,6 +268,7 @@ at::Tensor multi_dilation_conv_cpu(const at::Tensor& x_in, const at::Tensor& wei
 // 112x112): (grad_x, grad_weight).
 std::tuple<at::Tensor, at::Tensor> branch_convolution_backward(const at::Tensor& grad, const at::Tensor& x,
                                                                const at::Tensor& weight, int64_t d) {
+  if (winograd_branch(x, weight, d)) return winograd_conv3x3_backward(grad, x, weight, d);
   constexpr at::MemoryFormat kChannelsLast = at::MemoryFormat::ChannelsLast;
   auto [gx, gw, unused] =
       at::convolution_backward(grad.contiguous(kChannelsLast), x, weight.contiguous(kChannelsLast), std::nullopt,

@@ -1,0 +1,33 @@
+// Dilated 3x3 convolutions on the CPU as Winograd F(4x4, 3x3) tiles, forward
+// and backward (winograd_conv3x3.cpp): 36 multiply-adds per 16 outputs
+// instead of 144, for the dense branches of multi_dilation_conv on large maps.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace medmtl {
+
+// Whether a 3x3 convolution at dilation d (>= 1) on B x H x W maps of `dtype`
+// is cheaper as Winograd tiles than as direct taps (float32 and float64 only:
+// the transforms lose about 3 bits, too many for half precision).
+bool winograd_pays(int64_t batch, int64_t height, int64_t width, int64_t dilation, int64_t in_channels,
+                   int64_t out_channels, at::ScalarType dtype);
+
+// out = act(base + conv2d(x, weight, padding=d, dilation=d)), written into
+// out, with base = out's own values when `accumulate`, else bias (or 0).
+//   x: (B, Cin, H, W) and out: (B, Cout, H, W), channels-last pixels
+//   (stride(1) == 1; out may be a channel slice of a wider channels-last
+//   tensor); weight: (Cout, Cin, 3, 3), any strides; bias: (Cout).
+void winograd_conv3x3_into(const at::Tensor& x, const at::Tensor& weight, int64_t dilation,
+                           const std::optional<at::Tensor>& bias, bool accumulate, bool relu, at::Tensor& out);
+
+// (grad_x, grad_weight) of conv2d(x, weight, padding=d, dilation=d) from
+// grad (B, Cout, H, W) with channels-last pixels (a channel slice allowed):
+// grad_x channels-last, grad_weight (Cout, Cin, 3, 3) with Cin innermost.
+std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                             const at::Tensor& weight, int64_t dilation);
+
+}  // namespace medmtl

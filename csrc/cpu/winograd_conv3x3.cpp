@@ -426,49 +426,43 @@ void convolve(const Pixels<const T>& in, const T* U, const Pixels<T>& out, int64
                     });
 }
 
-// The backward of a convolution from x (Cin) to its output gradient g (Cout):
-// writes grad_x and returns grad_U (36, Cout, Cin) (before kernel_gradient),
-// with U_backward (36, Cout, Cin) from transform_weight(weight, true).
+// grad_U (36, Cout, Cin) = sum over the tiles of Q_e^T V_e, for x (Cin
+// channels) and its convolution's output gradient g (Cout): the kernel's
+// gradient before kernel_gradient. The threads split x's channels (each owns
+// its columns of grad_U, so no partial sums are stored) and each transforms
+// the gradient tiles itself.
 template <typename T>
-at::Tensor convolve_backward(const Pixels<const T>& g, const Pixels<const T>& x, const T* U_backward,
-                             const Pixels<T>& grad_x, int64_t d, int64_t batch, const at::TensorOptions& options) {
+at::Tensor transformed_kernel_gradient(const Pixels<const T>& g, const Pixels<const T>& x, int64_t d, int64_t batch,
+                                       const at::TensorOptions& options) {
   const TileGrid grid(batch, x.H, x.W, d);
-  const int64_t cin = x.C, cout = g.C, chunk = std::max(std::min(cin, kChannelChunk), std::min(cout, kChannelChunk));
-  const int64_t block = block_tiles(kPoints * (chunk + cout + cin), sizeof(T));
-  // One partial sum of grad_U per thread.
-  at::Tensor grad_U = at::zeros({at::get_num_threads(), kPoints, cout, cin}, options);
-  T* grad_U_parts = grad_U.data_ptr<T>();
-  for_each_block<T>(
-      grid.count(), block, kPoints * block * (chunk + cout + cin), options,
-      [&](int64_t first, int64_t n, T* workspace, int64_t thread) {
-        T *V = workspace, *Q = V + kPoints * block * chunk, *M = Q + kPoints * block * cout;
-        T* part = grad_U_parts + thread * kPoints * cout * cin;
-        // grad_U_e += Q_e^T V_e, a chunk of x's channels at a time.
+  const int64_t tiles = grid.count(), cin = x.C, cout = g.C;
+  const int64_t threads = at::get_num_threads();
+  // Channel pieces: at most kChannelChunk wide, at least one per thread, in whole vectors.
+  const int64_t width = std::min(kChannelChunk, std::max<int64_t>(16, ((cin + threads - 1) / threads + 15) / 16 * 16));
+  const int64_t pieces = (cin + width - 1) / width;
+  const int64_t block = block_tiles(kPoints * (width + cout), sizeof(T));
+  at::Tensor grad_U = at::empty({kPoints, cout, cin}, options);
+  T* gu = grad_U.data_ptr<T>();
+  at::parallel_for(0, pieces, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor workspace = at::empty({kPoints * block * (width + cout)}, options);
+    T *V = workspace.data_ptr<T>(), *Q = V + kPoints * block * width;
+    for (int64_t piece = begin; piece < end; ++piece) {
+      const int64_t c0 = piece * width, columns = std::min(width, cin - c0);
+      for (int64_t first = 0; first < tiles; first += block) {
+        const int64_t n = std::min(block, tiles - first);
         for (int64_t k = 0; k < n; ++k) {
           int64_t b, y0, x0;
           grid.locate(first + k, b, y0, x0);
           transform_gradient_tile(g, b, y0, x0, d, Q + k * cout, n * cout);
+          transform_input_tile(x, b, y0, x0, d, c0, c0 + columns, V + k * columns, n * columns);
         }
-        for (int64_t c0 = 0; c0 < cin; c0 += kChannelChunk) {
-          const int64_t width = std::min(kChannelChunk, cin - c0);
-          for (int64_t k = 0; k < n; ++k) {
-            int64_t b, y0, x0;
-            grid.locate(first + k, b, y0, x0);
-            transform_input_tile(x, b, y0, x0, d, c0, c0 + width, V + k * width, n * width);
-          }
-          for (int64_t e = 0; e < kPoints; ++e)
-            gemm<T>(true, false, cout, width, n, Q + e * n * cout, cout, V + e * n * width, width,
-                    part + e * cout * cin + c0, cin, true);
-        }
-        // grad_x: the gradient convolved with the rotated kernel.
-        transformed_products(grid, g, U_backward, cin, first, n, V, M);
-        for (int64_t k = 0; k < n; ++k) {
-          int64_t b, y0, x0;
-          grid.locate(first + k, b, y0, x0);
-          transform_output_tile(M + k * cin, n * cin, grad_x, b, y0, x0, d, Epilogue<T>{nullptr, false, false});
-        }
-      });
-  return grad_U.sum(0);
+        for (int64_t e = 0; e < kPoints; ++e)
+          gemm<T>(true, false, cout, columns, n, Q + e * n * cout, cout, V + e * n * columns, columns,
+                  gu + e * cout * cin + c0, cin, first > 0);
+      }
+    }
+  });
+  return grad_U;
 }
 
 void check_operands(const at::Tensor& x, const at::Tensor& weight, int64_t dilation) {
@@ -530,11 +524,13 @@ std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_backward(const at::Tensor& g
   at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
   at::Tensor grad_weight;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_conv3x3_backward", [&] {
+    const Pixels<const scalar_t> g = pixels_of<const scalar_t>(grad);
+    // grad_x: the gradient convolved with the rotated kernel, Cout -> Cin.
     const at::Tensor U_backward = transform_weight<scalar_t>(weight, /*backward=*/true);
+    convolve(g, U_backward.const_data_ptr<scalar_t>(), pixels_of<scalar_t>(grad_x), dilation,
+             Epilogue<scalar_t>{nullptr, false, false}, x.size(0), x.options());
     const at::Tensor grad_U =
-        convolve_backward(pixels_of<const scalar_t>(grad), pixels_of<const scalar_t>(x),
-                          U_backward.const_data_ptr<scalar_t>(), pixels_of<scalar_t>(grad_x), dilation, x.size(0),
-                          x.options());
+        transformed_kernel_gradient(g, pixels_of<const scalar_t>(x), dilation, x.size(0), x.options());
     grad_weight = kernel_gradient<scalar_t>(grad_U).permute({0, 3, 1, 2});
   });
   return {grad_x, grad_weight};

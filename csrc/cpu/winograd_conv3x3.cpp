@@ -521,17 +521,19 @@ std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_backward(const at::Tensor& g
                                                              const at::Tensor& weight, int64_t dilation) {
   check_operands(x_in, weight, dilation);
   const at::Tensor x = with_contiguous_channels(x_in), grad = with_contiguous_channels(grad_in);
-  at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  at::Tensor grad_weight;
+  at::Tensor grad_x, grad_weight;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_conv3x3_backward", [&] {
     const Pixels<const scalar_t> g = pixels_of<const scalar_t>(grad);
+    // The kernel's gradient first: its transformed sum is freed before
+    // grad_x and the rotated kernel are allocated (a lower peak).
+    grad_weight = kernel_gradient<scalar_t>(
+                      transformed_kernel_gradient(g, pixels_of<const scalar_t>(x), dilation, x.size(0), x.options()))
+                      .permute({0, 3, 1, 2});
     // grad_x: the gradient convolved with the rotated kernel, Cout -> Cin.
+    grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
     const at::Tensor U_backward = transform_weight<scalar_t>(weight, /*backward=*/true);
     convolve(g, U_backward.const_data_ptr<scalar_t>(), pixels_of<scalar_t>(grad_x), dilation,
              Epilogue<scalar_t>{nullptr, false, false}, x.size(0), x.options());
-    const at::Tensor grad_U =
-        transformed_kernel_gradient(g, pixels_of<const scalar_t>(x), dilation, x.size(0), x.options());
-    grad_weight = kernel_gradient<scalar_t>(grad_U).permute({0, 3, 1, 2});
   });
   return {grad_x, grad_weight};
 }

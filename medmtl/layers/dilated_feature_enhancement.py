@@ -23,6 +23,7 @@ the op too (one branch at dilation 1), in both modes.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -138,7 +139,8 @@ class DilatedFeatureEnhancement(nn.Module):
 
     def _concat_train(self, x: torch.Tensor) -> torch.Tensor:
         raw = self._branch_convolutions(x, with_pointwise=True)
-        branches = torch.cat([branch[2](branch[1](r)) for branch, r in zip(self.branches, raw)], 1)
+        # Each branch's ReLU (branches.{i}.2) applied once, to the concatenation.
+        branches = _ConcatReLU.apply(*[branch[1](r) for branch, r in zip(self.branches, raw)])
         fuse_conv, fuse_bn = self.fuse
         fused = fuse_bn(multi_dilation_conv(branches, fuse_conv.weight[None], [1], None, "sum"))
         return torch.relu(fused + self.shortcut(x))
@@ -248,3 +250,79 @@ def _fold_conv_bn(block: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:
     conv, bn = block
     scale, shift = _bn_affine(bn)
     return conv.weight * scale[:, None, None, None], shift
+
+
+class _ConcatReLU(torch.autograd.Function):
+    """relu(cat(parts, 1)) that saves only where its result passes gradients,
+    as bits. The parts (the branches' BatchNorm outputs) are freed once
+    concatenated, where a ReLU per part would keep a second copy of the
+    concatenation until the backward; the result is released when the fuse
+    convolution's backward is done with it, before this backward runs; and
+    the mask takes 1/32 of the result's bytes (together 43 MB of the concat
+    variant's 112x112 training peak). Each part's gradient comes back dense
+    in the part's layout: BatchNorm's backward on a channel slice of the
+    concatenation's gradient was 8x slower."""
+
+    @staticmethod
+    def forward(ctx, *parts: torch.Tensor) -> torch.Tensor:
+        out = torch.cat(parts, 1).relu_()
+        # torch.relu's backward zeroes the gradient where the output is <= 0 (NaN passes).
+        passes = out.le(0).logical_not_()
+        ctx.save_for_backward(_pack_bits(_storage_order(passes)))
+        ctx.shape, ctx.channels_last = out.shape, _is_channels_last(out)
+        ctx.widths = [p.shape[1] for p in parts]
+        ctx.formats = [torch.channels_last if _is_channels_last(p) else torch.contiguous_format for p in parts]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        (packed,) = ctx.saved_tensors
+        B, C, H, W = ctx.shape if len(ctx.shape) == 4 else (*ctx.shape, 1, 1)[:4]
+        if ctx.channels_last:
+            passes = _unpack_bits(packed, B * H * W * C).view(B, H, W, C).permute(0, 3, 1, 2)
+        else:
+            passes = _unpack_bits(packed, grad.numel()).view(ctx.shape)
+        grads = []
+        for g, keep, memory_format in zip(grad.split(ctx.widths, 1), passes.split(ctx.widths, 1), ctx.formats):
+            part = torch.empty(g.shape, dtype=g.dtype, device=g.device, memory_format=memory_format)
+            grads.append(torch.where(keep, g, g.new_zeros(()), out=part))
+        return tuple(grads)
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _storage_order(t: torch.Tensor) -> torch.Tensor:
+    """t's elements as a flat view in memory order (t contiguous or channels-last)."""
+    return t.permute(0, 2, 3, 1).reshape(-1) if _is_channels_last(t) else t.reshape(-1)
+
+
+# Bits of 8 bool bytes read as one little-endian int64: multiplied by this,
+# flag k (byte k) lands on bit 56 + k and every other product on a bit of its
+# own below 56, so no carry reaches the top byte.
+_GATHER_FLAGS = 0x0102040810204080
+
+
+def _pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """(N,) bool -> (ceil(N / 8),) uint8, bit k of byte i = flags[8 i + k];
+    overwrites flags."""
+    pad = -flags.numel() % 8
+    if pad:
+        flags = torch.cat([flags, flags.new_zeros(pad)])
+    if sys.byteorder != "little":
+        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=flags.device)
+        return (flags.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
+    # In place: flags is the caller's scratch (no more temporaries at the peak).
+    words = flags.contiguous().view(torch.uint8).view(torch.int64)
+    return words.mul_(_GATHER_FLAGS).bitwise_right_shift_(56).to(torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """The inverse of _pack_bits: (count,) bool."""
+    values = torch.arange(256, device=packed.device)
+    flags = ((values[:, None] >> torch.arange(8, device=packed.device)) & 1).to(torch.bool)  # (256, 8)
+    if sys.byteorder != "little":
+        return flags.index_select(0, packed.long()).view(-1)[:count]
+    # Each byte value's 8 flags as one int64: one gather per 8 flags.
+    return flags.view(torch.int64).view(-1).index_select(0, packed.long()).view(torch.bool)[:count]

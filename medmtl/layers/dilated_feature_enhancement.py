@@ -104,7 +104,9 @@ class DilatedFeatureEnhancement(nn.Module):
         # Where the backend convolves channels-last, the whole layer runs
         # channels-last (BatchNorm, 1x1 convolutions and the ops keep the
         # layout), so x is converted once rather than at every op.
-        work = x.contiguous(memory_format=torch.channels_last) if prefers_channels_last(x) else x
+        # The dilations that decide it: the folded sum's, or the concat's dense fuse.
+        dilations = self.dilations if self.variant == "sum" else [1]
+        work = x.contiguous(memory_format=torch.channels_last) if prefers_channels_last(x, dilations) else x
         if self.variant == "sum":
             y = self._sum_folded(work) if folded else self._sum_train(work)
         else:

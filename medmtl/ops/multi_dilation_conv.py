@@ -62,17 +62,43 @@ def multi_dilation_conv(
     return op(x, weight, dilations, bias, combine, relu)
 
 
-# Maps of at least this many pixels are convolved channels-last by the cpu
-# backend (kChannelsLastPixels in csrc/cpu/multi_dilation_conv_cpu.cpp).
+# The cpu backend's choice between its tap GEMMs and oneDNN, channels-last
+# (uses_tap_gemms in csrc/cpu/multi_dilation_conv_cpu.cpp): maps of at least
+# CPU_CHANNELS_LAST_PIXELS pixels go to oneDNN, and so do smaller ones when
+# the batch has more than CPU_TAP_GEMM_PIXELS pixels and the off-centre taps
+# read the map on at least CPU_TAP_GEMM_DENSITY of their positions.
 CPU_CHANNELS_LAST_PIXELS = 40 * 40
+CPU_TAP_GEMM_PIXELS = 1024
+CPU_TAP_GEMM_DENSITY = 0.4
 
 
-def prefers_channels_last(x: torch.Tensor) -> bool:
-    """Whether the backend that would run multi_dilation_conv on x convolves it
-    channels-last. A layer that runs several ops on x then converts it once and
-    stays channels-last (every op keeps x's layout) instead of converting per call."""
-    return (resolve_backend(OP_NAME, x.device) == "cpu" and x.dim() == 4
-            and x.shape[-2] * x.shape[-1] >= CPU_CHANNELS_LAST_PIXELS)
+def off_centre_density(dilations: Sequence[int], height: int, width: int) -> float:
+    """The fraction of the off-centre tap positions of all branches that read
+    an H x W map (0 when every branch is 1x1, dilation 0)."""
+    read = taps = 0
+    for d in dilations:
+        if d == 0:
+            continue
+        for dy in (-d, 0, d):
+            for dx in (-d, 0, d):
+                if dy or dx:
+                    read += max(0, height - abs(dy)) * max(0, width - abs(dx))
+                    taps += 1
+    return read / (taps * height * width) if taps else 0.0
+
+
+def prefers_channels_last(x: torch.Tensor, dilations: Sequence[int]) -> bool:
+    """Whether the backend that would run multi_dilation_conv(x, ., dilations)
+    convolves x channels-last. A layer that runs several ops on x then converts
+    it once and stays channels-last (every op keeps x's layout) instead of
+    converting per call."""
+    if resolve_backend(OP_NAME, x.device) != "cpu" or x.dim() != 4:
+        return False
+    batch, _, height, width = x.shape
+    if height * width >= CPU_CHANNELS_LAST_PIXELS:
+        return True
+    return (batch * height * width > CPU_TAP_GEMM_PIXELS
+            and off_centre_density(dilations, height, width) >= CPU_TAP_GEMM_DENSITY)
 
 
 def _check_inputs(x, weight, dilations, bias, combine, activation) -> list[int]:

@@ -294,3 +294,42 @@ def test_eval_fold_cache_follows_parameter_changes(variant):
         torch.testing.assert_close(layer(x), plain(x), **F64)
         layer.load_state_dict(plain.layer.state_dict())
         torch.testing.assert_close(layer(x), plain(x), **F64)
+
+
+# --------------------------------------------------------------------------- the concat's ReLU
+
+@pytest.mark.parametrize("count", [1, 7, 8, 9, 1000, 4099])
+def test_mask_bits_round_trip(count):
+    from medmtl.layers.dilated_feature_enhancement import _pack_bits, _unpack_bits
+    flags = torch.rand(count, generator=torch.Generator().manual_seed(count)) > 0.5
+    packed = _pack_bits(flags.clone())
+    assert packed.dtype == torch.uint8 and packed.numel() == (count + 7) // 8
+    assert torch.equal(_unpack_bits(packed, count), flags)
+    # Bit k of byte i is flag 8 i + k.
+    assert int(packed[0]) == sum(int(flags[k]) << k for k in range(min(8, count)))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_concat_relu_matches_relu_of_cat(layout):
+    """_ConcatReLU (the concat variant's branch ReLUs, applied once) is
+    relu(cat(parts)) with torch.relu's gradient: zero where the output is
+    <= 0 (exact zeros included), passed at NaN; each part's gradient comes
+    back dense in its layout."""
+    from medmtl.layers.dilated_feature_enhancement import _ConcatReLU
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(2, c, 5, 7, generator=g, dtype=torch.float64) for c in (3, 1, 4)]
+    parts[0][0, 1, 2, 3] = float("nan")
+    parts[2][1, 0, 4, 6] = 0.0
+    if layout == "channels_last":
+        parts = [p.contiguous(memory_format=torch.channels_last) for p in parts]
+    parts = [p.requires_grad_() for p in parts]
+    grad = torch.randn(2, 8, 5, 7, generator=g, dtype=torch.float64)
+    got = _ConcatReLU.apply(*parts)
+    expected = torch.relu(torch.cat(parts, 1))
+    torch.testing.assert_close(got, expected, equal_nan=True)
+    got_grads = torch.autograd.grad(got, parts, grad)
+    expected_grads = torch.autograd.grad(expected, parts, grad)
+    for p, gg, eg in zip(parts, got_grads, expected_grads):
+        torch.testing.assert_close(gg, eg, atol=0, rtol=0)
+        assert gg.stride() == torch.empty_like(p).stride()
+    assert got_grads[0][0, 1, 2, 3] == grad[0, 1, 2, 3] and got_grads[2][1, 0, 4, 6] == 0

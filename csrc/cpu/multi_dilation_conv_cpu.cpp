@@ -175,11 +175,18 @@ bool winograd_branch(const at::Tensor& x, const at::Tensor& w, int64_t d) {
   return winograd_pays(x.size(0), x.size(2), x.size(3), d, w.size(1), w.size(0), x.scalar_type());
 }
 
+// Whether dilated branches may take Winograd tiles, and whether one of them
+// wrote a non-finite value (then the op is computed again without them).
+struct WinogradUse {
+  bool allowed = true, non_finite = false;
+};
+
 // Sum through oneDNN (large maps, or dense ones), channels-last:
 // act(bias + centre GEMM + each dilated branch). The first result carries the
 // bias; the later ones are added into it.
 at::Tensor sum_branches(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef dilations,
-                        const std::optional<at::Tensor>& bias, bool relu, const BranchPlan& plan) {
+                        const std::optional<at::Tensor>& bias, bool relu, const BranchPlan& plan,
+                        WinogradUse& winograd) {
   const bool fused = fuses_convolutions(x, plan);
   at::Tensor acc;
   if (!plan.centre.empty()) {
@@ -194,12 +201,12 @@ at::Tensor sum_branches(const at::Tensor& x, const at::Tensor& weight, at::IntAr
     const bool last = k + 1 == plan.full.size();
     const at::Tensor w = weight.select(0, i);
     const std::optional<at::Tensor> first_bias = acc.defined() ? std::nullopt : bias;
-    if (winograd_branch(x, w, d)) {
+    if (winograd.allowed && winograd_branch(x, w, d)) {
       const bool accumulate = acc.defined();
       if (!accumulate)
         acc = at::empty({x.size(0), w.size(0), x.size(2), x.size(3)},
                         x.options().memory_format(at::MemoryFormat::ChannelsLast));
-      winograd_conv3x3_into(x, w, d, first_bias, accumulate, relu && last, acc);
+      winograd.non_finite |= !winograd_conv3x3_into(x, w, d, first_bias, accumulate, relu && last, acc);
       relu_applied = relu && last;
     } else if (fused) {
       acc = fused_convolution(x, w.contiguous(at::MemoryFormat::ChannelsLast), first_bias, d, relu && last, acc);
@@ -217,7 +224,8 @@ at::Tensor sum_branches(const at::Tensor& x, const at::Tensor& weight, at::IntAr
 // branch, with its bias slice and activation, into its slice of the output
 // channels.
 at::Tensor concat_branches(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef dilations,
-                           const std::optional<at::Tensor>& bias, bool relu, const BranchPlan& plan) {
+                           const std::optional<at::Tensor>& bias, bool relu, const BranchPlan& plan,
+                           WinogradUse& winograd) {
   const int64_t n = weight.size(0), cout = weight.size(1);
   const bool fused = fuses_convolutions(x, plan);
   at::Tensor out = at::empty({x.size(0), n * cout, x.size(2), x.size(3)},
@@ -236,9 +244,9 @@ at::Tensor concat_branches(const at::Tensor& x, const at::Tensor& weight, at::In
   }
   for (int64_t i : plan.full) {
     const int64_t d = dilations[i];
-    if (winograd_branch(x, weight.select(0, i), d)) {
+    if (winograd.allowed && winograd_branch(x, weight.select(0, i), d)) {
       at::Tensor slice = out.narrow(1, i * cout, cout);
-      winograd_conv3x3_into(x, weight.select(0, i), d, bias_of(i), false, relu, slice);
+      winograd.non_finite |= !winograd_conv3x3_into(x, weight.select(0, i), d, bias_of(i), false, relu, slice);
       continue;
     }
     const at::Tensor w = weight.select(0, i).contiguous(at::MemoryFormat::ChannelsLast);
@@ -257,8 +265,16 @@ at::Tensor multi_dilation_conv_cpu(const at::Tensor& x_in, const at::Tensor& wei
     return multi_dilation_conv_taps(x_in, weight, dilations, bias, shape.concat, relu);
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const BranchPlan plan = plan_branches(dilations, shape.height, shape.width);
-  const at::Tensor out = shape.concat ? concat_branches(x, weight, dilations, bias, relu, plan)
-                                      : sum_branches(x, weight, dilations, bias, relu, plan);
+  auto run = [&](WinogradUse& winograd) {
+    return shape.concat ? concat_branches(x, weight, dilations, bias, relu, plan, winograd)
+                        : sum_branches(x, weight, dilations, bias, relu, plan, winograd);
+  };
+  WinogradUse winograd;
+  at::Tensor out = run(winograd);
+  if (winograd.non_finite) {  // NaN or infinity in x (or an overflow): exactly where direct taps put them
+    WinogradUse direct{/*allowed=*/false};
+    out = run(direct);
+  }
   return output_format(x_in) == at::MemoryFormat::Contiguous ? contiguous_by_rows(out) : out;
 }
 
@@ -268,7 +284,11 @@ at::Tensor multi_dilation_conv_cpu(const at::Tensor& x_in, const at::Tensor& wei
 // 112x112): (grad_x, grad_weight).
 std::tuple<at::Tensor, at::Tensor> branch_convolution_backward(const at::Tensor& grad, const at::Tensor& x,
                                                                const at::Tensor& weight, int64_t d) {
-  if (winograd_branch(x, weight, d)) return winograd_conv3x3_backward(grad, x, weight, d);
+  if (winograd_branch(x, weight, d)) {
+    auto [gx, gw, finite] = winograd_conv3x3_backward(grad, x, weight, d);
+    if (finite) return {gx, gw};
+    // A NaN or infinity spread through the tiles: the direct gradients below.
+  }
   constexpr at::MemoryFormat kChannelsLast = at::MemoryFormat::ChannelsLast;
   auto [gx, gw, unused] =
       at::convolution_backward(grad.contiguous(kChannelsLast), x, weight.contiguous(kChannelsLast), std::nullopt,

@@ -29,6 +29,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <vector>
 
@@ -301,11 +302,13 @@ void transform_gradient_tile(const Pixels<const T>& grad, int64_t b, int64_t y0,
 }
 
 // What is done with a tile's outputs: out = act(base + y), base = out's own
-// values when accumulating, else the bias (or 0).
+// values when accumulating, else the bias (or 0). Any non-finite value
+// written sets *non_finite (see winograd_conv3x3_into).
 template <typename T>
 struct Epilogue {
   const T* bias;
   bool accumulate, relu;
+  std::atomic<bool>* non_finite;
 };
 
 // Writes the 4x4 outputs A^T M A of tile (b, y0, x0) that lie in the map.
@@ -313,6 +316,7 @@ template <typename T>
 void transform_output_tile(const T* M, int64_t point_step, const Pixels<T>& out, int64_t b, int64_t y0, int64_t x0,
                            int64_t d, const Epilogue<T>& epilogue) {
   T half[24 * kLanes], y[16 * kLanes];
+  T probe[kLanes] = {};  // value * 0 summed: NaN once a value is NaN or infinite
   for (int64_t c0 = 0; c0 < out.C; c0 += kLanes) {
     const int64_t n = std::min(kLanes, out.C - c0);
     for (int64_t j = 0; j < 6; ++j) output_1d(M + j * point_step + c0, 6 * point_step, half + j * kLanes, 6 * kLanes, n);
@@ -326,9 +330,12 @@ void transform_output_tile(const T* M, int64_t point_step, const Pixels<T>& out,
           T value = v[c] + (epilogue.accumulate ? dst[c] : epilogue.bias != nullptr ? epilogue.bias[c0 + c] : T(0));
           if (epilogue.relu) value = value < 0 ? T(0) : value;  // keeps NaN, as torch.relu
           dst[c] = value;
+          probe[c] += value * T(0);
         }
       }
   }
+  for (int64_t c = 0; c < kLanes; ++c)
+    if (probe[c] != probe[c]) epilogue.non_finite->store(true, std::memory_order_relaxed);
 }
 
 // ---- Kernels
@@ -499,29 +506,34 @@ bool winograd_pays(int64_t batch, int64_t height, int64_t width, int64_t dilatio
   return kPoints * tiles * 3 <= direct && kernel_bytes <= kMaxKernelBytes;
 }
 
-void winograd_conv3x3_into(const at::Tensor& x_in, const at::Tensor& weight, int64_t dilation,
+bool winograd_conv3x3_into(const at::Tensor& x_in, const at::Tensor& weight, int64_t dilation,
                            const std::optional<at::Tensor>& bias, bool accumulate, bool relu, at::Tensor& out) {
   check_operands(x_in, weight, dilation);
   TORCH_CHECK(out.dim() == 4 && out.size(0) == x_in.size(0) && out.size(1) == weight.size(0) &&
                   out.size(2) == x_in.size(2) && out.size(3) == x_in.size(3) && has_contiguous_channels(out) &&
                   out.scalar_type() == x_in.scalar_type(),
               "winograd_conv3x3_into: out must be (B, Cout, H, W) with contiguous channels, got ", out.sizes());
-  if (out.numel() == 0) return;
+  if (out.numel() == 0) return true;
   const at::Tensor x = with_contiguous_channels(x_in);
+  std::atomic<bool> non_finite{false};
   const at::Tensor b = bias.has_value() && !accumulate ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_conv3x3_into", [&] {
     const at::Tensor U = transform_weight<scalar_t>(weight, /*backward=*/false);
-    const Epilogue<scalar_t> epilogue{b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, accumulate, relu};
+    const Epilogue<scalar_t> epilogue{b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, accumulate, relu,
+                                      &non_finite};
     convolve(pixels_of<const scalar_t>(x), U.const_data_ptr<scalar_t>(), pixels_of<scalar_t>(out), dilation,
              epilogue, x.size(0), x.options());
   });
+  return !non_finite.load();
 }
 
-std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                                             const at::Tensor& weight, int64_t dilation) {
+std::tuple<at::Tensor, at::Tensor, bool> winograd_conv3x3_backward(const at::Tensor& grad_in,
+                                                                   const at::Tensor& x_in, const at::Tensor& weight,
+                                                                   int64_t dilation) {
   check_operands(x_in, weight, dilation);
   const at::Tensor x = with_contiguous_channels(x_in), grad = with_contiguous_channels(grad_in);
   at::Tensor grad_x, grad_weight;
+  std::atomic<bool> non_finite{false};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_conv3x3_backward", [&] {
     const Pixels<const scalar_t> g = pixels_of<const scalar_t>(grad);
     // The kernel's gradient first: its transformed sum is freed before
@@ -533,9 +545,9 @@ std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_backward(const at::Tensor& g
     grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
     const at::Tensor U_backward = transform_weight<scalar_t>(weight, /*backward=*/true);
     convolve(g, U_backward.const_data_ptr<scalar_t>(), pixels_of<scalar_t>(grad_x), dilation,
-             Epilogue<scalar_t>{nullptr, false, false}, x.size(0), x.options());
+             Epilogue<scalar_t>{nullptr, false, false, &non_finite}, x.size(0), x.options());
   });
-  return {grad_x, grad_weight};
+  return {grad_x, grad_weight, !non_finite.load() && at::isfinite(grad_weight).all().item<bool>()};
 }
 
 }  // namespace medmtl

@@ -21,13 +21,19 @@ bool winograd_pays(int64_t batch, int64_t height, int64_t width, int64_t dilatio
 //   x: (B, Cin, H, W) and out: (B, Cout, H, W), channels-last pixels
 //   (stride(1) == 1; out may be a channel slice of a wider channels-last
 //   tensor); weight: (Cout, Cin, 3, 3), any strides; bias: (Cout).
-void winograd_conv3x3_into(const at::Tensor& x, const at::Tensor& weight, int64_t dilation,
+// Returns whether every value written is finite. A NaN or infinity read
+// anywhere in a tile's 6x6 input spreads to all 16 of its outputs, also
+// those whose 3x3 window does not hold it (and a finite value within ~100x
+// of overflow can overflow in the transforms): the caller then computes the
+// convolution directly instead.
+bool winograd_conv3x3_into(const at::Tensor& x, const at::Tensor& weight, int64_t dilation,
                            const std::optional<at::Tensor>& bias, bool accumulate, bool relu, at::Tensor& out);
 
-// (grad_x, grad_weight) of conv2d(x, weight, padding=d, dilation=d) from
-// grad (B, Cout, H, W) with channels-last pixels (a channel slice allowed):
-// grad_x channels-last, grad_weight (Cout, Cin, 3, 3) with Cin innermost.
-std::tuple<at::Tensor, at::Tensor> winograd_conv3x3_backward(const at::Tensor& grad, const at::Tensor& x,
-                                                             const at::Tensor& weight, int64_t dilation);
+// (grad_x, grad_weight, finite) of conv2d(x, weight, padding=d, dilation=d)
+// from grad (B, Cout, H, W) with channels-last pixels (a channel slice
+// allowed): grad_x channels-last, grad_weight (Cout, Cin, 3, 3) with Cin
+// innermost; finite as above (false: use a direct convolution's gradients).
+std::tuple<at::Tensor, at::Tensor, bool> winograd_conv3x3_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                                   const at::Tensor& weight, int64_t dilation);
 
 }  // namespace medmtl

@@ -34,14 +34,14 @@ def _forward_backward(x, weight, dilations, bias, combine, activation):
 
 
 # Winograd shapes: a dense 3x3 (dilation 1, 2 or 3) on maps of 40x40 or more,
-# dilation 6 on 112x112. Partial tiles at the edges (45, 41 and 53 are not
-# multiples of 4 d), channel counts across the 64-channel vectors and the
-# 128-channel GEMM chunks, a batch of 1 and 3.
+# dilation 6 on 112x112, with at least 256 tiles in the batch. Partial tiles
+# at the edges (45, 41 and 53 are not multiples of 4 d), channel counts across
+# the 64-channel vectors and the 128-channel GEMM chunks, batches of 1 to 3.
 WINOGRAD_CASES = [
     ((2, 5, 7), (48, 45), [1]),
-    ((1, 70, 65), (44, 41), [2]),
+    ((2, 70, 65), (44, 41), [2]),
     ((3, 130, 3), (40, 43), [1]),
-    ((1, 4, 6), (53, 47), [3]),
+    ((2, 4, 6), (53, 47), [3]),
     ((1, 3, 4), (112, 112), [6]),
 ]
 
@@ -57,6 +57,16 @@ def test_winograd_matches_reference_float64(combine, activation, with_bias, chan
     _compare_conv(x, weight, dilations, bias, combine, activation, atol=1e-10, rtol=1e-10)
     # ... and no direct convolution ran, forward or backward.
     assert _direct_convolutions(_forward_backward(x, weight, dilations, bias, combine, activation)) == 0
+
+
+def test_winograd_kernel_slabs():
+    """A transformed kernel over 16 MB (260 -> 240 channels in float64: 18 MB)
+    is made and used in slabs of output channels (forward) and of input
+    channels (backward), 2 of each here."""
+    x = _x((2, 260, 48, 48))
+    weight, bias = _params(1, 240, 260, "sum", torch.float64)
+    _compare_conv(x, weight, [1], bias, "sum", "relu", atol=1e-10, rtol=1e-10)
+    assert _direct_convolutions(_forward_backward(x, weight, [1], bias, "sum", "relu")) == 0
 
 
 @pytest.mark.parametrize("combine", ["sum", "concat"])

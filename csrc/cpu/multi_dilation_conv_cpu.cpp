@@ -172,7 +172,7 @@ at::Tensor channels_last_pixels(const at::Tensor& t) { return t.permute({0, 2, 3
 // Whether dilated branch w (Cout, Cin, 3, 3) at dilation d runs as Winograd
 // tiles on x (else through oneDNN).
 bool winograd_branch(const at::Tensor& x, const at::Tensor& w, int64_t d) {
-  return winograd_pays(x.size(0), x.size(2), x.size(3), d, w.size(1), w.size(0), x.scalar_type());
+  return winograd_pays(x.size(0), x.size(2), x.size(3), d, x.scalar_type());
 }
 
 // Whether dilated branches may take Winograd tiles, and whether one of them

@@ -223,8 +223,19 @@ struct TileGrid {
 constexpr int64_t kChannelChunk = 128;
 constexpr int64_t kBlockBytes = 1 << 20;
 constexpr int64_t kMaxBlockTiles = 64, kMinBlockTiles = 16;
-// Transformed kernels larger than this are not worth streaming (winograd_pays).
-constexpr int64_t kMaxKernelBytes = 16 << 20;
+// Fewest tiles (in the batch) for which winograd_pays.
+constexpr int64_t kMinTiles = 256;
+
+// A transformed kernel is made and used in slabs of channels of at most this
+// many bytes (the whole 1024 -> 256 one of the concat fuse at 28x28 is 37 MB).
+constexpr int64_t kMaxSlabBytes = 16 << 20;
+
+// Channels per slab of a transformed kernel with `other` channels on its other side.
+int64_t slab_channels(int64_t channels, int64_t other, int64_t element_size) {
+  const int64_t per_channel = kPoints * other * element_size;
+  if (per_channel * channels <= kMaxSlabBytes) return channels;
+  return std::max<int64_t>(16, kMaxSlabBytes / per_channel / 16 * 16);
+}
 
 // Tiles per block, with `values_per_tile` transformed values held per tile.
 int64_t block_tiles(int64_t values_per_tile, int64_t element_size) {
@@ -340,33 +351,52 @@ void transform_output_tile(const T* M, int64_t point_step, const Pixels<T>& out,
 
 // ---- Kernels
 
-// U (36, K, N) = G g G^T per channel pair, the GEMMs' right operand, for a
-// convolution from K to N channels: the forward's (K = Cin, N = Cout) from
-// weight (Cout, Cin, 3, 3), or with `backward` the input gradient's (K = Cout,
-// N = Cin), whose kernel is rotated by 180 degrees.
+// The GEMMs' right operand U (36, K, N) = G g G^T for every channel pair of
+// weight (Cout, Cin, 3, 3), any strides, read along Cin (which the DFE layer
+// keeps innermost): the forward's (K = Cin, N = Cout), or with `rotated` the
+// input gradient's (K = Cout, N = Cin) of the kernel rotated by 180 degrees.
 template <typename T>
-at::Tensor transform_weight(const at::Tensor& weight, bool backward) {
+at::Tensor transform_weight(const at::Tensor& weight, bool rotated) {
   const int64_t cout = weight.size(0), cin = weight.size(1);
-  const int64_t K = backward ? cout : cin, N = backward ? cin : cout;
-  // Strides of weight along K and N.
-  const int64_t sk = weight.stride(backward ? 0 : 1), sn = weight.stride(backward ? 1 : 0);
-  const int64_t sy = weight.stride(2), sx = weight.stride(3);
-  at::Tensor U = at::empty({kPoints, K, N}, weight.options());
+  const int64_t so = weight.stride(0), si = weight.stride(1), sy = weight.stride(2), sx = weight.stride(3);
+  // The forward's rows are Cin: a block of kOutBlock output channels is
+  // transformed along Cin, then written out transposed, kOutBlock at a time.
+  constexpr int64_t kOutBlock = 16;
+  const int64_t out_block = rotated ? 1 : kOutBlock;
+  at::Tensor U = rotated ? at::empty({kPoints, cout, cin}, weight.options())
+                         : at::empty({kPoints, cin, cout}, weight.options());
   const T* w = weight.const_data_ptr<T>();
   T* u = U.data_ptr<T>();
-  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+  const int64_t blocks = (cout + out_block - 1) / out_block;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     T g[9 * kLanes], half[18 * kLanes];
-    for (int64_t k = begin; k < end; ++k)
-      for (int64_t n0 = 0; n0 < N; n0 += kLanes) {
-        const int64_t n = std::min(kLanes, N - n0);
-        for (int64_t tap = 0; tap < 9; ++tap) {
-          const int64_t ky = backward ? 2 - tap / 3 : tap / 3, kx = backward ? 2 - tap % 3 : tap % 3;
-          const T* src = w + k * sk + n0 * sn + ky * sy + kx * sx;
-          for (int64_t c = 0; c < n; ++c) g[tap * kLanes + c] = src[c * sn];
+    std::vector<T> local(rotated ? 0 : kPoints * kOutBlock * kLanes);  // [e][o][c]
+    for (int64_t block = begin; block < end; ++block)
+      for (int64_t c0 = 0; c0 < cin; c0 += kLanes) {
+        const int64_t n = std::min(kLanes, cin - c0);
+        const int64_t o_begin = block * out_block, o_end = std::min(cout, o_begin + out_block);
+        for (int64_t o = o_begin; o < o_end; ++o) {
+          for (int64_t tap = 0; tap < 9; ++tap) {
+            const int64_t ky = rotated ? 2 - tap / 3 : tap / 3, kx = rotated ? 2 - tap % 3 : tap % 3;
+            const T* src = w + o * so + c0 * si + ky * sy + kx * sx;
+            for (int64_t c = 0; c < n; ++c) g[tap * kLanes + c] = src[c * si];
+          }
+          for (int64_t kx = 0; kx < 3; ++kx)
+            kernel_1d(g + kx * kLanes, 3 * kLanes, half + kx * kLanes, 3 * kLanes, n);
+          for (int64_t i = 0; i < 6; ++i) {
+            if (rotated)  // U[e][o][c0 + c]
+              kernel_1d(half + i * 3 * kLanes, kLanes, u + (i * 6 * cout + o) * cin + c0, cout * cin, n);
+            else  // local[e][o - o_begin][c]
+              kernel_1d(half + i * 3 * kLanes, kLanes, local.data() + (i * 6 * kOutBlock + o - o_begin) * kLanes,
+                        kOutBlock * kLanes, n);
+          }
         }
-        for (int64_t kx = 0; kx < 3; ++kx) kernel_1d(g + kx * kLanes, 3 * kLanes, half + kx * kLanes, 3 * kLanes, n);
-        for (int64_t i = 0; i < 6; ++i)
-          kernel_1d(half + i * 3 * kLanes, kLanes, u + (i * 6 * K + k) * N + n0, K * N, n);
+        if (!rotated)  // U[e][c0 + c][o]
+          for (int64_t e = 0; e < kPoints; ++e)
+            for (int64_t c = 0; c < n; ++c) {
+              T* dst = u + (e * cin + c0 + c) * cout + o_begin;
+              for (int64_t o = 0; o < o_end - o_begin; ++o) dst[o] = local[(e * kOutBlock + o) * kLanes + c];
+            }
       }
   });
   return U;
@@ -481,11 +511,8 @@ void check_operands(const at::Tensor& x, const at::Tensor& weight, int64_t dilat
 
 }  // namespace
 
-bool winograd_pays(int64_t batch, int64_t height, int64_t width, int64_t dilation, int64_t in_channels,
-                   int64_t out_channels, at::ScalarType dtype) {
-  if ((dtype != at::kFloat && dtype != at::kDouble) || dilation < 1 || batch < 1 || in_channels < 1 ||
-      out_channels < 1)
-    return false;
+bool winograd_pays(int64_t batch, int64_t height, int64_t width, int64_t dilation, at::ScalarType dtype) {
+  if ((dtype != at::kFloat && dtype != at::kDouble) || dilation < 1 || batch < 1) return false;
   // The direct taps' multiply-adds: each tap over the positions where it reads the map.
   int64_t direct = 0;
   for (int64_t ky = 0; ky < 3; ++ky)
@@ -499,11 +526,11 @@ bool winograd_pays(int64_t batch, int64_t height, int64_t width, int64_t dilatio
   // Measured on 2 cores against oneDNN (forward, 64-512 channels): 1.2-2x
   // faster where the taps do at least 3x Winograd's multiply-adds (a dense
   // 3x3 on 56x56 or more, dilation 6 on 112x112), even below that (dilations
-  // 12 and 18 there: 9-12 tile rows cover 112 rows). The transformed kernel
-  // is streamed through the cache once per block of tiles: from 37 MB (1024
-  // -> 256 channels) it made a dense 3x3 on 28x28 1.3x slower.
-  const int64_t kernel_bytes = kPoints * in_channels * out_channels * static_cast<int64_t>(c10::elementSize(dtype));
-  return kPoints * tiles * 3 <= direct && kernel_bytes <= kMaxKernelBytes;
+  // 12 and 18 there: 9-12 tile rows cover 112 rows). Every call transforms
+  // the kernel (4x its size), which takes enough tiles to pay off: with 98
+  // (a dense 1024 -> 256 on 2 x 28 x 28, a 37 MB transformed kernel) it was
+  // 0.9x oneDNN's speed.
+  return kPoints * tiles * 3 <= direct && batch * tiles >= kMinTiles;
 }
 
 bool winograd_conv3x3_into(const at::Tensor& x_in, const at::Tensor& weight, int64_t dilation,
@@ -517,12 +544,17 @@ bool winograd_conv3x3_into(const at::Tensor& x_in, const at::Tensor& weight, int
   const at::Tensor x = with_contiguous_channels(x_in);
   std::atomic<bool> non_finite{false};
   const at::Tensor b = bias.has_value() && !accumulate ? bias->contiguous() : at::Tensor();
+  const int64_t cin = x.size(1), cout = out.size(1);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_conv3x3_into", [&] {
-    const at::Tensor U = transform_weight<scalar_t>(weight, /*backward=*/false);
-    const Epilogue<scalar_t> epilogue{b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, accumulate, relu,
-                                      &non_finite};
-    convolve(pixels_of<const scalar_t>(x), U.const_data_ptr<scalar_t>(), pixels_of<scalar_t>(out), dilation,
-             epilogue, x.size(0), x.options());
+    const int64_t slab = slab_channels(cout, cin, sizeof(scalar_t));
+    for (int64_t o0 = 0; o0 < cout; o0 += slab) {  // output channels [o0, o0 + width)
+      const int64_t width = std::min(slab, cout - o0);
+      const at::Tensor U = transform_weight<scalar_t>(weight.narrow(0, o0, width), /*rotated=*/false);
+      const Epilogue<scalar_t> epilogue{b.defined() ? b.const_data_ptr<scalar_t>() + o0 : nullptr, accumulate, relu,
+                                        &non_finite};
+      convolve(pixels_of<const scalar_t>(x), U.const_data_ptr<scalar_t>(), pixels_of<scalar_t>(out.narrow(1, o0, width)),
+               dilation, epilogue, x.size(0), x.options());
+    }
   });
   return !non_finite.load();
 }
@@ -534,18 +566,28 @@ std::tuple<at::Tensor, at::Tensor, bool> winograd_conv3x3_backward(const at::Ten
   const at::Tensor x = with_contiguous_channels(x_in), grad = with_contiguous_channels(grad_in);
   at::Tensor grad_x, grad_weight;
   std::atomic<bool> non_finite{false};
+  const int64_t cin = x.size(1), cout = grad.size(1);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_conv3x3_backward", [&] {
     const Pixels<const scalar_t> g = pixels_of<const scalar_t>(grad);
-    // The kernel's gradient first: its transformed sum is freed before
+    const int64_t slab = slab_channels(cin, cout, sizeof(scalar_t));  // of x's channels
+    // The kernel's gradient first: its transformed sums are freed before
     // grad_x and the rotated kernel are allocated (a lower peak).
-    grad_weight = kernel_gradient<scalar_t>(
-                      transformed_kernel_gradient(g, pixels_of<const scalar_t>(x), dilation, x.size(0), x.options()))
-                      .permute({0, 3, 1, 2});
+    at::Tensor grad_w = at::empty({cout, 3, 3, cin}, x.options());
+    for (int64_t c0 = 0; c0 < cin; c0 += slab) {
+      const int64_t width = std::min(slab, cin - c0);
+      const at::Tensor grad_U = transformed_kernel_gradient(g, pixels_of<const scalar_t>(x.narrow(1, c0, width)),
+                                                            dilation, x.size(0), x.options());
+      grad_w.narrow(3, c0, width).copy_(kernel_gradient<scalar_t>(grad_U));
+    }
+    grad_weight = grad_w.permute({0, 3, 1, 2});
     // grad_x: the gradient convolved with the rotated kernel, Cout -> Cin.
     grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
-    const at::Tensor U_backward = transform_weight<scalar_t>(weight, /*backward=*/true);
-    convolve(g, U_backward.const_data_ptr<scalar_t>(), pixels_of<scalar_t>(grad_x), dilation,
-             Epilogue<scalar_t>{nullptr, false, false, &non_finite}, x.size(0), x.options());
+    for (int64_t c0 = 0; c0 < cin; c0 += slab) {
+      const int64_t width = std::min(slab, cin - c0);
+      const at::Tensor U_rotated = transform_weight<scalar_t>(weight.narrow(1, c0, width), /*rotated=*/true);
+      convolve(g, U_rotated.const_data_ptr<scalar_t>(), pixels_of<scalar_t>(grad_x.narrow(1, c0, width)), dilation,
+               Epilogue<scalar_t>{nullptr, false, false, &non_finite}, x.size(0), x.options());
+    }
   });
   return {grad_x, grad_weight, !non_finite.load() && at::isfinite(grad_weight).all().item<bool>()};
 }

@@ -13,8 +13,7 @@ namespace medmtl {
 // Whether a 3x3 convolution at dilation d (>= 1) on B x H x W maps of `dtype`
 // is cheaper as Winograd tiles than as direct taps (float32 and float64 only:
 // the transforms lose about 3 bits, too many for half precision).
-bool winograd_pays(int64_t batch, int64_t height, int64_t width, int64_t dilation, int64_t in_channels,
-                   int64_t out_channels, at::ScalarType dtype);
+bool winograd_pays(int64_t batch, int64_t height, int64_t width, int64_t dilation, at::ScalarType dtype);
 
 // out = act(base + conv2d(x, weight, padding=d, dilation=d)), written into
 // out, with base = out's own values when `accumulate`, else bias (or 0).

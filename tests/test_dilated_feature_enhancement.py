@@ -305,6 +305,7 @@ def test_mask_bits_round_trip(count):
     packed = _pack_bits(flags.clone())
     assert packed.dtype == torch.uint8 and packed.numel() == (count + 7) // 8
     assert torch.equal(_unpack_bits(packed, count), flags)
+    assert torch.equal(_unpack_bits(packed, count, torch.float32), flags.float())
     # Bit k of byte i is flag 8 i + k.
     assert int(packed[0]) == sum(int(flags[k]) << k for k in range(min(8, count)))
 

@@ -9,11 +9,13 @@
 // taps mostly read it, with enough pixels in the batch, goes to oneDNN as a
 // large map does (uses_tap_gemms).
 //
-// Forward through oneDNN, channels-last: a branch whose off-centre taps all
-// read padding (a 1x1 branch, or a dilation at least the map's size) is a GEMM
-// over the pixel rows (for a sum, all such branches in one GEMM with their
-// weights summed); every other branch is one oneDNN convolution, which skips
-// the padding-only taps itself. A float32 sum goes through oneDNN's fused
+// Forward, channels-last: a branch whose off-centre taps all read padding (a
+// 1x1 branch, or a dilation at least the map's size) is a GEMM over the pixel
+// rows (for a sum, all such branches in one GEMM with their weights summed);
+// a dense branch (winograd_pays) runs as Winograd tiles
+// (winograd_conv3x3.cpp), and if any value it writes is not finite the whole
+// op is computed again without them; every other branch is one oneDNN
+// convolution, which skips the padding-only taps itself. A float32 sum goes through oneDNN's fused
 // convolutions: the first result carries the bias, every further branch is
 // added inside its convolution and the last one applies the ReLU, so no
 // separate pass touches the output; a float32 concat applies each branch's
@@ -23,9 +25,10 @@
 // result is copied out a band of rows at a time); input gradients come back
 // laid out as empty_like(input) (csrc/layout.h).
 //
-// Backward through oneDNN, channels-last: the centre GEMM's gradients are
-// GEMMs on the pixel rows; every other branch takes ATen's convolution
-// backward (the NCHW one was 1.4-4x slower at 56x56 and 112x112).
+// Backward, channels-last: the centre GEMM's gradients are GEMMs on the
+// pixel rows; a dense branch takes the Winograd tiles' backward (ATen's when
+// that meets a non-finite value); every other branch takes ATen's
+// convolution backward (the NCHW one was 1.4-4x slower at 56x56 and 112x112).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>

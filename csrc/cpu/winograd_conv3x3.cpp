@@ -19,10 +19,13 @@
 // - grad_U_e = Q_e^T V_e, with Q = A dY A^T (the output transform's adjoint
 //   on the gradient's 4x4 tile), and grad_g = G^T grad_U G.
 //
-// Tiles are processed a block at a time (transform, 36 GEMMs, inverse
-// transform), so the transformed tiles stay a few MB whatever the map.
-// The transforms run over channels in vectors of kLanes (pixels are
-// channels-last); the GEMMs are ATen's batched GEMM.
+// Each thread processes its blocks of tiles one at a time (transform, 36
+// GEMMs, inverse transform), so a block's transformed tiles stay in its L2
+// cache; the kernel gradient's threads split x's channels instead, each
+// owning its columns of grad_U. Transformed kernels over 16 MB are made and
+// used in slabs of channels. The transforms run over channels in vectors of
+// kLanes (pixels are channels-last, explicitly vectorised with omp simd); the
+// GEMMs are single-threaded calls to the BLAS ATen links.
 #include "winograd_conv3x3.h"
 
 #include <ATen/Dispatch.h>
@@ -41,7 +44,7 @@ namespace {
 constexpr int64_t kPoints = 36;     // transformed positions of a 6x6 tile
 constexpr int64_t kLanes = 64;      // channels transformed together
 
-// ---- 1-D transforms over n channels: the k-th of the vectors in (out) starts
+// ---- 1-D transforms over n channels: the k-th vector of in (of out) starts
 // at in + k in_step (out + k out_step).
 
 // B^T d (6 -> 6): an input tile into the transformed domain.

@@ -331,6 +331,7 @@ void transform_output_tile(const T* M, int64_t point_step, const Pixels<T>& out,
                            int64_t d, const Epilogue<T>& epilogue) {
   T half[24 * kLanes], y[16 * kLanes];
   T probe[kLanes] = {};  // value * 0 summed: NaN once a value is NaN or infinite
+  static constexpr T zeros[kLanes] = {};
   for (int64_t c0 = 0; c0 < out.C; c0 += kLanes) {
     const int64_t n = std::min(kLanes, out.C - c0);
     for (int64_t j = 0; j < 6; ++j) output_1d(M + j * point_step + c0, 6 * point_step, half + j * kLanes, 6 * kLanes, n);
@@ -339,12 +340,22 @@ void transform_output_tile(const T* M, int64_t point_step, const Pixels<T>& out,
       for (int64_t j = 0; j < 4 && x0 + d * j < out.W; ++j) {
         T* dst = out.at(b, y0 + d * i, x0 + d * j) + c0;
         const T* v = y + (i * 4 + j) * kLanes;
+        const T* base = epilogue.accumulate ? dst : epilogue.bias != nullptr ? epilogue.bias + c0 : zeros;
+        // Branch-free loops, so they vectorise.
+        if (epilogue.relu) {
 #pragma omp simd
-        for (int64_t c = 0; c < n; ++c) {
-          T value = v[c] + (epilogue.accumulate ? dst[c] : epilogue.bias != nullptr ? epilogue.bias[c0 + c] : T(0));
-          if (epilogue.relu) value = value < 0 ? T(0) : value;  // keeps NaN, as torch.relu
-          dst[c] = value;
-          probe[c] += value * T(0);
+          for (int64_t c = 0; c < n; ++c) {
+            const T value = v[c] + base[c];
+            dst[c] = value < 0 ? T(0) : value;  // keeps NaN, as torch.relu
+            probe[c] += value * T(0);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < n; ++c) {
+            const T value = v[c] + base[c];
+            dst[c] = value;
+            probe[c] += value * T(0);
+          }
         }
       }
   }

@@ -180,7 +180,7 @@ template <typename T>
 struct Pixels {
   T* data;
   int64_t H, W, C, sb, sy, sx;
-  T* at(int64_t b, int64_t y, int64_t x) const { return data + b * sb + y * sy + x * sx; }
+  T* pixel(int64_t b, int64_t y, int64_t x) const { return data + b * sb + y * sy + x * sx; }
 };
 
 template <typename T>
@@ -272,7 +272,7 @@ void gather_tile(const Pixels<const T>& in, int64_t b, int64_t y0, int64_t x0, i
       const int64_t x = x0 + d * (j - offset);
       T* dst = buf + (i * extent + j) * kLanes;
       const bool inside = y >= 0 && y < in.H && x >= 0 && x < in.W;
-      const T* src = inside ? in.at(b, y, x) + c0 : nullptr;
+      const T* src = inside ? in.pixel(b, y, x) + c0 : nullptr;
 #pragma omp simd
       for (int64_t c = 0; c < n; ++c) dst[c] = inside ? src[c] : T(0);
     }
@@ -291,7 +291,7 @@ void transform_input_tile(const Pixels<const T>& in, int64_t b, int64_t y0, int6
     T* v = V + (c0 - c_begin);
     if (interior) {  // the columns straight from the map
       for (int64_t j = 0; j < 6; ++j)
-        input_1d(in.at(b, y0 - d, x0 + d * (j - 1)) + c0, d * in.sy, half + j * kLanes, 6 * kLanes, n);
+        input_1d(in.pixel(b, y0 - d, x0 + d * (j - 1)) + c0, d * in.sy, half + j * kLanes, 6 * kLanes, n);
     } else {
       gather_tile(in, b, y0, x0, d, /*offset=*/1, /*extent=*/6, c0, n, tile);
       for (int64_t j = 0; j < 6; ++j) input_1d(tile + j * kLanes, 6 * kLanes, half + j * kLanes, 6 * kLanes, n);
@@ -338,7 +338,7 @@ void transform_output_tile(const T* M, int64_t point_step, const Pixels<T>& out,
     for (int64_t i = 0; i < 4; ++i) output_1d(half + i * 6 * kLanes, kLanes, y + i * 4 * kLanes, kLanes, n);
     for (int64_t i = 0; i < 4 && y0 + d * i < out.H; ++i)
       for (int64_t j = 0; j < 4 && x0 + d * j < out.W; ++j) {
-        T* dst = out.at(b, y0 + d * i, x0 + d * j) + c0;
+        T* dst = out.pixel(b, y0 + d * i, x0 + d * j) + c0;
         const T* v = y + (i * 4 + j) * kLanes;
         const T* base = epilogue.accumulate ? dst : epilogue.bias != nullptr ? epilogue.bias + c0 : zeros;
         // Branch-free loops, so they vectorise.

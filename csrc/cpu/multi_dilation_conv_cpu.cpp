@@ -15,8 +15,8 @@
 // a dense branch (winograd_pays) runs as Winograd tiles
 // (winograd_conv3x3.cpp), and if any value it writes is not finite the whole
 // op is computed again without them; every other branch is one oneDNN
-// convolution, which skips the padding-only taps itself. A float32 sum goes through oneDNN's fused
-// convolutions: the first result carries the bias, every further branch is
+// convolution, which skips the padding-only taps itself. A float32 sum goes
+// through oneDNN's fused convolutions: the first result carries the bias, every further branch is
 // added inside its convolution and the last one applies the ReLU, so no
 // separate pass touches the output; a float32 concat applies each branch's
 // bias slice and ReLU inside its convolution.
@@ -172,9 +172,9 @@ bool fuses_convolutions(const at::Tensor& x_conv, const BranchPlan& plan) {
 // not the tap GEMMs' (H, B, W, C) rows).
 at::Tensor channels_last_pixels(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
 
-// Whether dilated branch w (Cout, Cin, 3, 3) at dilation d runs as Winograd
-// tiles on x (else through oneDNN).
-bool winograd_branch(const at::Tensor& x, const at::Tensor& w, int64_t d) {
+// Whether a dilated branch at dilation d runs as Winograd tiles on x (else
+// through oneDNN).
+bool winograd_branch(const at::Tensor& x, int64_t d) {
   return winograd_pays(x.size(0), x.size(2), x.size(3), d, x.scalar_type());
 }
 
@@ -204,7 +204,7 @@ at::Tensor sum_branches(const at::Tensor& x, const at::Tensor& weight, at::IntAr
     const bool last = k + 1 == plan.full.size();
     const at::Tensor w = weight.select(0, i);
     const std::optional<at::Tensor> first_bias = acc.defined() ? std::nullopt : bias;
-    if (winograd.allowed && winograd_branch(x, w, d)) {
+    if (winograd.allowed && winograd_branch(x, d)) {
       const bool accumulate = acc.defined();
       if (!accumulate)
         acc = at::empty({x.size(0), w.size(0), x.size(2), x.size(3)},
@@ -247,7 +247,7 @@ at::Tensor concat_branches(const at::Tensor& x, const at::Tensor& weight, at::In
   }
   for (int64_t i : plan.full) {
     const int64_t d = dilations[i];
-    if (winograd.allowed && winograd_branch(x, weight.select(0, i), d)) {
+    if (winograd.allowed && winograd_branch(x, d)) {
       at::Tensor slice = out.narrow(1, i * cout, cout);
       winograd.non_finite |= !winograd_conv3x3_into(x, weight.select(0, i), d, bias_of(i), false, relu, slice);
       continue;
@@ -287,7 +287,7 @@ at::Tensor multi_dilation_conv_cpu(const at::Tensor& x_in, const at::Tensor& wei
 // 112x112): (grad_x, grad_weight).
 std::tuple<at::Tensor, at::Tensor> branch_convolution_backward(const at::Tensor& grad, const at::Tensor& x,
                                                                const at::Tensor& weight, int64_t d) {
-  if (winograd_branch(x, weight, d)) {
+  if (winograd_branch(x, d)) {
     auto [gx, gw, finite] = winograd_conv3x3_backward(grad, x, weight, d);
     if (finite) return {gx, gw};
     // A NaN or infinity spread through the tiles: the direct gradients below.

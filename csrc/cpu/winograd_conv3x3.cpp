@@ -247,8 +247,7 @@ int64_t block_tiles(int64_t values_per_tile, int64_t element_size) {
 }
 
 // Runs fn(first, n, workspace) on all threads for the blocks [first, first +
-// n) of `block` tiles; each thread gets a workspace of `workspace_size` values
-// and fn also sees its thread number.
+// n) of `block` tiles; each thread gets a workspace of `workspace_size` values.
 template <typename T, typename Fn>
 void for_each_block(int64_t tiles, int64_t block, int64_t workspace_size, const at::TensorOptions& options,
                     const Fn& fn) {
@@ -256,7 +255,7 @@ void for_each_block(int64_t tiles, int64_t block, int64_t workspace_size, const 
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor workspace = at::empty({workspace_size}, options);
     for (int64_t k = begin; k < end; ++k)
-      fn(k * block, std::min(block, tiles - k * block), workspace.data_ptr<T>(), at::get_thread_num());
+      fn(k * block, std::min(block, tiles - k * block), workspace.data_ptr<T>());
   });
 }
 
@@ -466,7 +465,7 @@ void convolve(const Pixels<const T>& in, const T* U, const Pixels<T>& out, int64
   const int64_t K = in.C, N = out.C, chunk = std::min(K, kChannelChunk);
   const int64_t block = block_tiles(kPoints * (chunk + N), sizeof(T));
   for_each_block<T>(grid.count(), block, kPoints * block * (chunk + N), options,
-                    [&](int64_t first, int64_t n, T* workspace, int64_t) {
+                    [&](int64_t first, int64_t n, T* workspace) {
                       T *V = workspace, *M = workspace + kPoints * block * chunk;
                       transformed_products(grid, in, U, N, first, n, V, M);
                       for (int64_t k = 0; k < n; ++k) {
@@ -539,8 +538,9 @@ bool winograd_pays(int64_t batch, int64_t height, int64_t width, int64_t dilatio
       static_cast<int64_t>(tile_origins(height, dilation).size() * tile_origins(width, dilation).size());
   // Measured on 2 cores against oneDNN (forward, 64-512 channels): 1.2-2x
   // faster where the taps do at least 3x Winograd's multiply-adds (a dense
-  // 3x3 on 56x56 or more, dilation 6 on 112x112), even below that (dilations
-  // 12 and 18 there: 9-12 tile rows cover 112 rows). Every call transforms
+  // 3x3 on 56x56 or more, dilation 6 on 112x112); even or slower below that
+  // (dilations 12 and 18 on 112x112, where 9-12 tile rows cover 112 rows, and
+  // 6, 12, 18 on 56x56: 0.75-1.0x). Every call transforms
   // the kernel (4x its size), which takes enough tiles to pay off: with 98
   // (a dense 1024 -> 256 on 2 x 28 x 28, a 37 MB transformed kernel) it was
   // 0.9x oneDNN's speed.

@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/derived_weight_cache.h"
+
 #ifndef MEDMTL_WITH_CUDA
 #define MEDMTL_WITH_CUDA 0
 #endif
@@ -57,11 +59,27 @@ TORCH_LIBRARY(medmtl, m) {
       "float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
+namespace {
+
+// medmtl._C.weight_cache_info() -> (entries, bytes) of the cpu backend's
+// cache of derived weights (csrc/cpu/derived_weight_cache.h).
+PyObject* weight_cache_info(PyObject*, PyObject*) {
+  const auto [entries, bytes] = medmtl::derived_weight_cache_size();
+  return Py_BuildValue("(LL)", static_cast<long long>(entries), static_cast<long long>(bytes));
+}
+
+PyMethodDef module_methods[] = {
+    {"weight_cache_info", weight_cache_info, METH_NOARGS,
+     "(entries, bytes) of the cpu backend's cache of derived weights (Winograd kernel transforms)"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
                                           "medmtl's compiled kernels (torch.ops.medmtl)", -1,
-                                          nullptr};
+                                          module_methods};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
   PyModule_AddIntConstant(module, "with_cuda", MEDMTL_WITH_CUDA);

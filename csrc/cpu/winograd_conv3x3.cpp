@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "../core/dilated_taps.h"
+#include "derived_weight_cache.h"
 
 namespace medmtl {
 namespace {
@@ -226,12 +227,21 @@ struct TileGrid {
 constexpr int64_t kChannelChunk = 128;
 constexpr int64_t kBlockBytes = 1 << 20;
 constexpr int64_t kMaxBlockTiles = 64, kMinBlockTiles = 16;
-// Fewest tiles (in the batch) for which winograd_pays.
+// Fewest tiles (in the batch) for which winograd_pays when the call
+// transforms the kernel...
 constexpr int64_t kMinTiles = 256;
+// ... and when the kernel's transform is cached (derived_weight_cache.h),
+// with the taps doing at least kCachedKernelRatio / 10 times Winograd's
+// multiply-adds.
+constexpr int64_t kMinCachedKernelTiles = 32;
+constexpr int64_t kCachedKernelRatio = 25;
+constexpr int64_t kMinCachedKernelChannels = 64;
 
 // A transformed kernel is made and used in slabs of channels of at most this
 // many bytes (the whole 1024 -> 256 one of the concat fuse at 28x28 is 37 MB).
 constexpr int64_t kMaxSlabBytes = 16 << 20;
+// A cached (derived_weight_cache.h) kernel transform is whole.
+constexpr int64_t kForwardKernel = 1;
 
 // Channels per slab of a transformed kernel with `other` channels on its other side.
 int64_t slab_channels(int64_t channels, int64_t other, int64_t element_size) {
@@ -457,12 +467,47 @@ void transformed_products(const TileGrid& grid, const Pixels<const T>& in, const
   }
 }
 
-// out = epilogue(conv(in)) with U (36, K, N) from transform_weight.
+// out = epilogue(conv(in)) with U (36, K, N) from transform_weight, all tiles
+// in stages: every tile's transformed input V (36, tiles, K), then the 36
+// GEMMs split among the threads, then every tile's outputs. For few tiles and
+// many channels (a dense 2048 -> 512 on 2 x 14 x 14: 32 tiles, a 151 MB U),
+// where the per-block scheme would stream U once per block of tiles.
+template <typename T>
+void convolve_in_stages(const TileGrid& grid, const Pixels<const T>& in, const T* U, const Pixels<T>& out,
+                        const Epilogue<T>& epilogue, const at::TensorOptions& options) {
+  const int64_t tiles = grid.count(), K = in.C, N = out.C;
+  at::Tensor V = at::empty({kPoints, tiles, K}, options), M = at::empty({kPoints, tiles, N}, options);
+  T *v = V.data_ptr<T>(), *m = M.data_ptr<T>();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t b, y0, x0;
+      grid.locate(t, b, y0, x0);
+      transform_input_tile(in, b, y0, x0, grid.d, 0, K, v + t * K, tiles * K);
+    }
+  });
+  at::parallel_for(0, kPoints, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e)
+      gemm<T>(false, false, tiles, N, K, v + e * tiles * K, K, U + e * K * N, N, m + e * tiles * N, N, false);
+  });
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      int64_t b, y0, x0;
+      grid.locate(t, b, y0, x0);
+      transform_output_tile(m + t * N, tiles * N, out, b, y0, x0, grid.d, epilogue);
+    }
+  });
+}
+
+// out = epilogue(conv(in)) with U (36, K, N) from transform_weight: a block of
+// tiles at a time per thread when U is smaller than the tiles' transformed
+// inputs and outputs (it is then read once per block, from cache), else in
+// stages (convolve_in_stages).
 template <typename T>
 void convolve(const Pixels<const T>& in, const T* U, const Pixels<T>& out, int64_t d, const Epilogue<T>& epilogue,
               int64_t batch, const at::TensorOptions& options) {
   const TileGrid grid(batch, in.H, in.W, d);
   const int64_t K = in.C, N = out.C, chunk = std::min(K, kChannelChunk);
+  if (K * N > grid.count() * (K + N)) return convolve_in_stages(grid, in, U, out, epilogue, options);
   const int64_t block = block_tiles(kPoints * (chunk + N), sizeof(T));
   for_each_block<T>(grid.count(), block, kPoints * block * (chunk + N), options,
                     [&](int64_t first, int64_t n, T* workspace) {
@@ -524,9 +569,16 @@ void check_operands(const at::Tensor& x, const at::Tensor& weight, int64_t dilat
 
 }  // namespace
 
-bool winograd_pays(int64_t batch, int64_t height, int64_t width, int64_t dilation, at::ScalarType dtype) {
-  if ((dtype != at::kFloat && dtype != at::kDouble) || dilation < 1 || batch < 1) return false;
-  // The direct taps' multiply-adds: each tap over the positions where it reads the map.
+namespace {
+
+// Multiply-adds per output channel pair of a 3x3 convolution at dilation d on
+// a batch of H x W maps: as direct taps (each tap over the positions where it
+// reads the map), and as Winograd tiles (36 per tile).
+struct MultiplyAdds {
+  int64_t direct, winograd;
+};
+
+MultiplyAdds multiply_adds(int64_t batch, int64_t height, int64_t width, int64_t dilation) {
   int64_t direct = 0;
   for (int64_t ky = 0; ky < 3; ++ky)
     for (int64_t kx = 0; kx < 3; ++kx) {
@@ -536,16 +588,40 @@ bool winograd_pays(int64_t batch, int64_t height, int64_t width, int64_t dilatio
     }
   const int64_t tiles =
       static_cast<int64_t>(tile_origins(height, dilation).size() * tile_origins(width, dilation).size());
+  return {batch * direct, batch * tiles * kPoints};
+}
+
+bool winograd_dtype(at::ScalarType dtype) { return dtype == at::kFloat || dtype == at::kDouble; }
+
+}  // namespace
+
+bool winograd_pays(int64_t batch, int64_t height, int64_t width, int64_t dilation, at::ScalarType dtype) {
+  if (!winograd_dtype(dtype) || dilation < 1 || batch < 1) return false;
+  const MultiplyAdds mads = multiply_adds(batch, height, width, dilation);
   // Measured on 2 cores against oneDNN (forward, 64-512 channels): 1.2-2x
   // faster where the taps do at least 3x Winograd's multiply-adds (a dense
   // 3x3 on 56x56 or more, dilation 6 on 112x112); even or slower below that
   // (dilations 12 and 18 on 112x112, where 9-12 tile rows cover 112 rows, and
-  // 6, 12, 18 on 56x56: 0.75-1.0x). Every call transforms
-  // the kernel (4x its size), which takes enough tiles to pay off: with 98
-  // (a dense 1024 -> 256 on 2 x 28 x 28, a 37 MB transformed kernel) it was
-  // 0.9x oneDNN's speed.
-  return kPoints * tiles * 3 <= direct && batch * tiles >= kMinTiles;
+  // 6, 12, 18 on 56x56: 0.75-1.0x). Every call transforms the kernel (4x its
+  // size), which takes enough tiles to pay off: with 98 (a dense 1024 -> 256
+  // on 2 x 28 x 28, a 37 MB transformed kernel) it was 0.9x oneDNN's speed.
+  return 3 * mads.winograd <= mads.direct && mads.winograd >= kMinTiles * kPoints;
 }
+
+bool winograd_pays_with_cached_kernel(int64_t batch, int64_t height, int64_t width, int64_t dilation,
+                                      at::ScalarType dtype, int64_t in_channels, int64_t out_channels) {
+  if (!winograd_dtype(dtype) || dilation < 1 || batch < 1) return false;
+  const MultiplyAdds mads = multiply_adds(batch, height, width, dilation);
+  // Without the kernel's transform, fewer tiles pay: a dense 1024 -> 256 on
+  // 2 x 28 x 28 (98 tiles) took 10 ms against oneDNN's 22, a dense 2048 ->
+  // 512 on 2 x 14 x 14 (32 tiles, 2.8x fewer multiply-adds) 16-19 ms against
+  // the tap GEMMs' 28. The tiles' transforms cost per channel what a GEMM
+  // does per channel pair, so few channels do not pay.
+  return kCachedKernelRatio * mads.winograd <= 10 * mads.direct && mads.winograd >= kMinCachedKernelTiles * kPoints &&
+         std::min(in_channels, out_channels) >= kMinCachedKernelChannels;
+}
+
+bool winograd_kernel_cacheable(const at::Tensor& weight) { return weight_cacheable(weight); }
 
 bool winograd_conv3x3_into(const at::Tensor& x_in, const at::Tensor& weight, int64_t dilation,
                            const std::optional<at::Tensor>& bias, bool accumulate, bool relu, at::Tensor& out) {
@@ -560,14 +636,22 @@ bool winograd_conv3x3_into(const at::Tensor& x_in, const at::Tensor& weight, int
   const at::Tensor b = bias.has_value() && !accumulate ? bias->contiguous() : at::Tensor();
   const int64_t cin = x.size(1), cout = out.size(1);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_conv3x3_into", [&] {
-    const int64_t slab = slab_channels(cout, cin, sizeof(scalar_t));
-    for (int64_t o0 = 0; o0 < cout; o0 += slab) {  // output channels [o0, o0 + width)
-      const int64_t width = std::min(slab, cout - o0);
-      const at::Tensor U = transform_weight<scalar_t>(weight.narrow(0, o0, width), /*rotated=*/false);
+    auto run = [&](const at::Tensor& U, int64_t o0, int64_t width) {
       const Epilogue<scalar_t> epilogue{b.defined() ? b.const_data_ptr<scalar_t>() + o0 : nullptr, accumulate, relu,
                                         &non_finite};
       convolve(pixels_of<const scalar_t>(x), U.const_data_ptr<scalar_t>(), pixels_of<scalar_t>(out.narrow(1, o0, width)),
                dilation, epilogue, x.size(0), x.options());
+    };
+    if (weight_cacheable(weight)) {  // the whole transformed kernel, made once
+      const at::Tensor U = cached_derived_weight(weight, kForwardKernel, [&] {
+        return transform_weight<scalar_t>(weight, /*rotated=*/false);
+      });
+      return run(U, 0, cout);
+    }
+    const int64_t slab = slab_channels(cout, cin, sizeof(scalar_t));
+    for (int64_t o0 = 0; o0 < cout; o0 += slab) {  // output channels [o0, o0 + width)
+      const int64_t width = std::min(slab, cout - o0);
+      run(transform_weight<scalar_t>(weight.narrow(0, o0, width), /*rotated=*/false), o0, width);
     }
   });
   return !non_finite.load();

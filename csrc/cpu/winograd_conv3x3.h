@@ -12,8 +12,17 @@ namespace medmtl {
 
 // Whether a 3x3 convolution at dilation d (>= 1) on B x H x W maps of `dtype`
 // is cheaper as Winograd tiles than as direct taps (float32 and float64 only:
-// the transforms lose about 3 bits, too many for half precision).
+// the transforms lose about 3 bits, too many for half precision), with the
+// kernel's transform made by the call...
 bool winograd_pays(int64_t batch, int64_t height, int64_t width, int64_t dilation, at::ScalarType dtype);
+// ... or kept from an earlier call (winograd_kernel_cacheable), for a kernel
+// (out_channels, in_channels, 3, 3).
+bool winograd_pays_with_cached_kernel(int64_t batch, int64_t height, int64_t width, int64_t dilation,
+                                      at::ScalarType dtype, int64_t in_channels, int64_t out_channels);
+
+// Whether winograd_conv3x3_into keeps weight's transform between calls: the
+// weight takes no gradient (inference), see derived_weight_cache.h.
+bool winograd_kernel_cacheable(const at::Tensor& weight);
 
 // out = act(base + conv2d(x, weight, padding=d, dilation=d)), written into
 // out, with base = out's own values when `accumulate`, else bias (or 0).

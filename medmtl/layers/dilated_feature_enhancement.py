@@ -101,16 +101,21 @@ class DilatedFeatureEnhancement(nn.Module):
         """x: (B, in_channels, H, W) -> (B, out_channels, H, W)."""
         self._check_input(x)
         folded = not self.training and all(bn.running_mean is not None for bn in self._norms())
+        if folded:
+            params = self._folded_parameters(self._fold_sum if self.variant == "sum" else self._fold_concat, x)
         # Where the backend convolves channels-last, the whole layer runs
         # channels-last (BatchNorm, 1x1 convolutions and the ops keep the
         # layout), so x is converted once rather than at every op.
-        # The dilations that decide it: the folded sum's, or the concat's dense fuse.
-        dilations = self.dilations if self.variant == "sum" else [1]
-        work = x.contiguous(memory_format=torch.channels_last) if prefers_channels_last(x, dilations) else x
+        # The convolution that decides it: the folded sum, or the concat's dense fuse.
         if self.variant == "sum":
-            y = self._sum_folded(work) if folded else self._sum_train(work)
+            dilations, weight = self.dilations, params[0] if folded else None
         else:
-            y = self._concat_folded(work) if folded else self._concat_train(work)
+            dilations, weight = [1], params[2][0] if folded else None
+        work = x.contiguous(memory_format=torch.channels_last) if prefers_channels_last(x, dilations, weight) else x
+        if self.variant == "sum":
+            y = self._sum_folded(work, *params) if folded else self._sum_train(work)
+        else:
+            y = self._concat_folded(work, *params) if folded else self._concat_train(work)
         if self.attention is not None:
             y = spatial_attention(y, self.attention.weight)
         # Converted here: back to NCHW (x was not channels-last).
@@ -150,24 +155,33 @@ class DilatedFeatureEnhancement(nn.Module):
     # -- eval mode: BatchNorms (and for "sum" the 1x1 convolutions) folded
 
     def _folded_parameters(self, fold, x: torch.Tensor):
-        """fold() (the folded weights), cached while no parameter or statistic changes.
+        """fold() (the folded weights) in x's dtype, cached while no parameter or
+        statistic changes.
 
-        Inference (no autograd) reuses the last fold as long as every parameter
-        and buffer keeps its storage and version counter; with autograd, or
-        under torch.compile, it folds every call so gradients reach the modules.
+        Without a graph to build (no autograd, or no parameter that takes a
+        gradient) the last fold is reused as long as every parameter and
+        buffer keeps its storage and version counter, and it is made outside
+        inference mode, so the cpu backend can keep the weights' Winograd
+        transforms too (an inference tensor has no version counter to tell
+        when it changes). With a graph, or under torch.compile, it folds
+        every call so gradients reach the modules.
         """
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return fold()
+        def in_dtype():
+            return _to_dtype(fold(), x.dtype)
+
+        builds_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if builds_graph or torch.compiler.is_compiling():
+            return in_dtype()
         key = (x.dtype, x.device, fold.__name__) + tuple(
             (t.data_ptr(), t._version) for t in list(self.parameters()) + list(self.buffers()))
         if getattr(self, "_fold_cache_key", None) != key:
-            self._fold_cache = fold()
+            with torch.inference_mode(False), torch.no_grad():
+                self._fold_cache = in_dtype()
             self._fold_cache_key = key
         return self._fold_cache
 
-    def _sum_folded(self, x: torch.Tensor) -> torch.Tensor:
-        weights, bias = self._folded_parameters(self._fold_sum, x)
-        return multi_dilation_conv(x, weights.to(x.dtype), self.dilations, bias.to(x.dtype), "sum", "relu")
+    def _sum_folded(self, x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return multi_dilation_conv(x, weights, self.dilations, bias, "sum", "relu")
 
     def _fold_sum(self) -> tuple[torch.Tensor, torch.Tensor]:
         weights, bias = [], 0
@@ -181,12 +195,10 @@ class DilatedFeatureEnhancement(nn.Module):
             bias = bias + s2 * (pointwise.weight[:, :, 0, 0] @ b1) + b2
         return _cin_innermost(torch.stack(weights)), bias
 
-    def _concat_folded(self, x: torch.Tensor) -> torch.Tensor:
-        weights, bias, fuse, shortcut = self._folded_parameters(self._fold_concat, x)
-        branches = multi_dilation_conv(x, weights.to(x.dtype), [0] + self.dilations, bias.to(x.dtype), "concat",
-                                       "relu")
-        fused = multi_dilation_conv(branches, fuse[0].to(x.dtype), [1], fuse[1].to(x.dtype), "sum")
-        residual = nn.functional.conv2d(x, shortcut[0].to(x.dtype), shortcut[1].to(x.dtype))
+    def _concat_folded(self, x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor, fuse, shortcut) -> torch.Tensor:
+        branches = multi_dilation_conv(x, weights, [0] + self.dilations, bias, "concat", "relu")
+        fused = multi_dilation_conv(branches, fuse[0], [1], fuse[1], "sum")
+        residual = nn.functional.conv2d(x, shortcut[0], shortcut[1])
         return torch.relu_(fused.add_(residual))
 
     def _fold_concat(self):
@@ -245,6 +257,13 @@ def _cin_innermost(weight: torch.Tensor) -> torch.Tensor:
     layout: every tap a GEMM operand as it is, so the cached fold is not
     copied on every call)."""
     return weight.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
+def _to_dtype(folded, dtype: torch.dtype):
+    """The tensors of a fold (nested tuples) in dtype, strides kept."""
+    if isinstance(folded, torch.Tensor):
+        return folded.to(dtype)
+    return tuple(_to_dtype(part, dtype) for part in folded)
 
 
 def _fold_conv_bn(block: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,138 @@
+#include "derived_weight_cache.h"
+
+#include <c10/core/StorageImpl.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <mutex>
+#include <vector>
+
+namespace medmtl {
+namespace {
+
+// What identifies a weight's values: its storage (held weakly, so an entry
+// never keeps a weight alive), where in it and how it is laid out, and the
+// version counter's value when the entry was made.
+struct WeightKey {
+  c10::weak_intrusive_ptr<c10::StorageImpl> alive;
+  const c10::StorageImpl* storage;
+  const void* data;
+  int64_t offset;
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype;
+  int64_t version;
+  int64_t kind;
+
+  static WeightKey of(const at::Tensor& weight, int64_t kind) {
+    return {weight.storage().getWeakStorageImpl(),
+            weight.storage().unsafeGetStorageImpl(),
+            weight.storage().data(),
+            weight.storage_offset(),
+            weight.sizes().vec(),
+            weight.strides().vec(),
+            weight.scalar_type(),
+            weight._version(),
+            kind};
+  }
+
+  bool expired() const { return alive.expired(); }
+
+  // Same weight, unchanged. Both storages are alive (expired entries are
+  // purged first, and the caller holds the other's weight), so equal
+  // addresses are the same storage.
+  bool matches(const WeightKey& other) const {
+    return same_slot(other) && data == other.data && version == other.version;
+  }
+
+  // Same weight slot (perhaps written since): its entry is replaced.
+  bool same_slot(const WeightKey& other) const {
+    return storage == other.storage && offset == other.offset && sizes == other.sizes && strides == other.strides &&
+           dtype == other.dtype && kind == other.kind;
+  }
+};
+
+struct Entry {
+  WeightKey key;
+  at::Tensor value;
+  int64_t bytes;
+  uint64_t last_use;
+};
+
+int64_t budget_bytes() {
+  static const int64_t budget = [] {
+    const char* mb = std::getenv("MEDMTL_WEIGHT_CACHE_MB");
+    return mb != nullptr ? std::max<int64_t>(0, std::atoll(mb)) << 20 : kDerivedWeightCacheBytes;
+  }();
+  return budget;
+}
+
+struct Cache {
+  std::mutex mutex;
+  std::vector<Entry> entries;
+  uint64_t clock = 0;
+
+  void purge_expired() {
+    entries.erase(std::remove_if(entries.begin(), entries.end(), [](const Entry& e) { return e.key.expired(); }),
+                  entries.end());
+  }
+
+  int64_t bytes() const {
+    int64_t total = 0;
+    for (const Entry& e : entries) total += e.bytes;
+    return total;
+  }
+};
+
+Cache& cache() {
+  static Cache* instance = new Cache();  // never destroyed: used until exit
+  return *instance;
+}
+
+}  // namespace
+
+bool weight_cacheable(const at::Tensor& weight) {
+  return budget_bytes() > 0 && weight.device().is_cpu() && !weight.requires_grad() && !weight.is_inference() &&
+         weight.has_storage();
+}
+
+at::Tensor cached_derived_weight(const at::Tensor& weight, int64_t kind, const std::function<at::Tensor()>& derive) {
+  if (!weight_cacheable(weight)) return derive();
+  const WeightKey key = WeightKey::of(weight, kind);
+  Cache& c = cache();
+  {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    c.purge_expired();
+    for (Entry& e : c.entries)
+      if (e.key.matches(key)) {
+        e.last_use = ++c.clock;
+        return e.value;
+      }
+  }
+  // Derived outside the lock (it may run on all threads); another thread may
+  // derive the same weight meanwhile, and the later insert replaces the other.
+  at::Tensor value = derive();
+  const int64_t bytes = static_cast<int64_t>(value.nbytes());
+  if (bytes > budget_bytes()) return value;
+  std::lock_guard<std::mutex> lock(c.mutex);
+  c.purge_expired();
+  c.entries.erase(std::remove_if(c.entries.begin(), c.entries.end(),
+                                 [&](const Entry& e) { return e.key.same_slot(key); }),
+                  c.entries.end());
+  while (!c.entries.empty() && c.bytes() + bytes > budget_bytes()) {
+    auto oldest = std::min_element(c.entries.begin(), c.entries.end(),
+                                   [](const Entry& a, const Entry& b) { return a.last_use < b.last_use; });
+    c.entries.erase(oldest);
+  }
+  c.entries.push_back({key, value, bytes, ++c.clock});
+  return value;
+}
+
+std::pair<int64_t, int64_t> derived_weight_cache_size() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  c.purge_expired();
+  return {static_cast<int64_t>(c.entries.size()), c.bytes()};
+}
+
+}  // namespace medmtl

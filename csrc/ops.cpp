@@ -61,16 +61,17 @@ TORCH_LIBRARY(medmtl, m) {
 
 namespace {
 
-// medmtl._C.weight_cache_info() -> (entries, bytes) of the cpu backend's
-// cache of derived weights (csrc/cpu/derived_weight_cache.h).
+// medmtl._C.weight_cache_info() -> (entries, bytes, budget in bytes) of the
+// cpu backend's cache of derived weights (csrc/cpu/derived_weight_cache.h).
 PyObject* weight_cache_info(PyObject*, PyObject*) {
   const auto [entries, bytes] = medmtl::derived_weight_cache_size();
-  return Py_BuildValue("(LL)", static_cast<long long>(entries), static_cast<long long>(bytes));
+  return Py_BuildValue("(LLL)", static_cast<long long>(entries), static_cast<long long>(bytes),
+                       static_cast<long long>(medmtl::derived_weight_cache_budget()));
 }
 
 PyMethodDef module_methods[] = {
     {"weight_cache_info", weight_cache_info, METH_NOARGS,
-     "(entries, bytes) of the cpu backend's cache of derived weights (Winograd kernel transforms)"},
+     "(entries, bytes, budget) of the cpu backend's cache of derived weights (Winograd kernel transforms)"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

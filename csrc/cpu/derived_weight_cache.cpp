@@ -52,6 +52,8 @@ struct WeightKey {
   }
 };
 
+// A derived tensor, or (value undefined, kind kSighting) the record that a
+// weight was seen.
 struct Entry {
   WeightKey key;
   at::Tensor value;
@@ -59,13 +61,7 @@ struct Entry {
   uint64_t last_use;
 };
 
-int64_t budget_bytes() {
-  static const int64_t budget = [] {
-    const char* mb = std::getenv("MEDMTL_WEIGHT_CACHE_MB");
-    return mb != nullptr ? std::max<int64_t>(0, std::atoll(mb)) << 20 : kDerivedWeightCacheBytes;
-  }();
-  return budget;
-}
+constexpr int64_t kSighting = -1;
 
 struct Cache {
   std::mutex mutex;
@@ -91,9 +87,35 @@ Cache& cache() {
 
 }  // namespace
 
+int64_t derived_weight_cache_budget() {
+  static const int64_t budget = [] {
+    const char* mb = std::getenv("MEDMTL_WEIGHT_CACHE_MB");
+    return mb != nullptr ? std::max<int64_t>(0, std::atoll(mb)) << 20 : kDerivedWeightCacheBytes;
+  }();
+  return budget;
+}
+
 bool weight_cacheable(const at::Tensor& weight) {
-  return budget_bytes() > 0 && weight.device().is_cpu() && !weight.requires_grad() && !weight.is_inference() &&
+  return derived_weight_cache_budget() > 0 && weight.device().is_cpu() && !weight.requires_grad() && !weight.is_inference() &&
          weight.has_storage();
+}
+
+bool weight_seen_before(const at::Tensor& weight) {
+  if (!weight_cacheable(weight)) return false;
+  const WeightKey key = WeightKey::of(weight, kSighting);
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  c.purge_expired();
+  for (Entry& e : c.entries)
+    if (e.key.matches(key)) {
+      e.last_use = ++c.clock;
+      return true;
+    }
+  c.entries.erase(std::remove_if(c.entries.begin(), c.entries.end(),
+                                 [&](const Entry& e) { return e.key.same_slot(key); }),
+                  c.entries.end());
+  c.entries.push_back({key, at::Tensor(), 0, ++c.clock});
+  return false;
 }
 
 at::Tensor cached_derived_weight(const at::Tensor& weight, int64_t kind, const std::function<at::Tensor()>& derive) {
@@ -113,15 +135,16 @@ at::Tensor cached_derived_weight(const at::Tensor& weight, int64_t kind, const s
   // derive the same weight meanwhile, and the later insert replaces the other.
   at::Tensor value = derive();
   const int64_t bytes = static_cast<int64_t>(value.nbytes());
-  if (bytes > budget_bytes()) return value;
+  if (bytes > derived_weight_cache_budget()) return value;
   std::lock_guard<std::mutex> lock(c.mutex);
   c.purge_expired();
   c.entries.erase(std::remove_if(c.entries.begin(), c.entries.end(),
                                  [&](const Entry& e) { return e.key.same_slot(key); }),
                   c.entries.end());
-  while (!c.entries.empty() && c.bytes() + bytes > budget_bytes()) {
-    auto oldest = std::min_element(c.entries.begin(), c.entries.end(),
-                                   [](const Entry& a, const Entry& b) { return a.last_use < b.last_use; });
+  while (c.bytes() + bytes > derived_weight_cache_budget()) {  // drop the least recently used derived tensors
+    auto oldest = c.entries.end();
+    for (auto e = c.entries.begin(); e != c.entries.end(); ++e)
+      if (e->value.defined() && (oldest == c.entries.end() || e->last_use < oldest->last_use)) oldest = e;
     c.entries.erase(oldest);
   }
   c.entries.push_back({key, value, bytes, ++c.clock});
@@ -132,7 +155,8 @@ std::pair<int64_t, int64_t> derived_weight_cache_size() {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
   c.purge_expired();
-  return {static_cast<int64_t>(c.entries.size()), c.bytes()};
+  const int64_t derived = std::count_if(c.entries.begin(), c.entries.end(), [](const Entry& e) { return e.value.defined(); });
+  return {derived, c.bytes()};
 }
 
 }  // namespace medmtl

@@ -8,8 +8,9 @@
 // had (every in-place write through the weight or a view of it bumps it).
 // Writes that bypass the version counter (through `.data`, or raw pointers)
 // are not seen, as autograd does not see them; only weights that take no
-// gradient are cached, so training (whose weights change every step) never
-// fills the cache. The entries take at most kDerivedWeightCacheBytes (or
+// gradient are cached, and only once they are seen a second time, so neither
+// training (whose weights change every step) nor weights made afresh on every
+// call fill the cache. The entries take at most kDerivedWeightCacheBytes (or
 // MEDMTL_WEIGHT_CACHE_MB megabytes, 0 to disable), least recently used
 // dropped first, and an entry goes with its weight's storage.
 #pragma once
@@ -28,12 +29,21 @@ constexpr int64_t kDerivedWeightCacheBytes = int64_t{1} << 30;
 // and the weight is on the CPU.
 bool weight_cacheable(const at::Tensor& weight);
 
+// Whether `weight` (weight_cacheable) was passed here before and has not
+// changed since: an inference weight that calls reuse. Records this call, so
+// a weight made afresh on every call (a fold inside a compiled graph) never
+// has its derivations cached.
+bool weight_seen_before(const at::Tensor& weight);
+
 // derive(), which depends only on `weight` and `kind` (one id per kind of
 // derivation), from the cache when an earlier call made it for the same,
 // unchanged weight; derived and cached (when weight_cacheable) otherwise.
 at::Tensor cached_derived_weight(const at::Tensor& weight, int64_t kind, const std::function<at::Tensor()>& derive);
 
-// The number of entries and their bytes (for tests).
+// The number of derived tensors held and their bytes (for tests).
 std::pair<int64_t, int64_t> derived_weight_cache_size();
+
+// The most bytes the entries take (0: nothing is cached).
+int64_t derived_weight_cache_budget();
 
 }  // namespace medmtl

@@ -7,19 +7,22 @@
 // weight reorder costs about as much as its convolution (512 channels on
 // 14x14); its NCHW backward ran at half the GEMMs' rate. A small map whose
 // taps mostly read it, with enough pixels in the batch, goes to oneDNN as a
-// large map does (uses_tap_gemms).
+// large map does (uses_tap_gemms), and so does one whose dilated branches all
+// take Winograd tiles with cached kernel transforms (an inference weight seen
+// before: derived_weight_cache.h).
 //
 // Forward, channels-last: a branch whose off-centre taps all read padding (a
 // 1x1 branch, or a dilation at least the map's size) is a GEMM over the pixel
 // rows (for a sum, all such branches in one GEMM with their weights summed);
-// a dense branch (winograd_pays) runs as Winograd tiles
+// a dense branch (winograd_pays, or winograd_pays_with_cached_kernel for an
+// inference weight seen before) runs as Winograd tiles
 // (winograd_conv3x3.cpp), and if any value it writes is not finite the whole
 // op is computed again without them; every other branch is one oneDNN
 // convolution, which skips the padding-only taps itself. A float32 sum goes
-// through oneDNN's fused convolutions: the first result carries the bias, every further branch is
-// added inside its convolution and the last one applies the ReLU, so no
-// separate pass touches the output; a float32 concat applies each branch's
-// bias slice and ReLU inside its convolution.
+// through oneDNN's fused convolutions: the first result carries the bias,
+// every further branch is added inside its convolution and the last one
+// applies the ReLU, so no separate pass touches the output; a float32 concat
+// applies each branch's bias slice and ReLU inside its convolution.
 //
 // Layouts: the output is channels-last when x is, else NCHW (a channels-last
 // result is copied out a band of rows at a time); input gradients come back
@@ -30,6 +33,8 @@
 // that meets a non-finite value); every other branch takes ATen's
 // convolution backward (the NCHW one was 1.4-4x slower at 56x56 and 112x112).
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 #include <torch/library.h>
@@ -39,6 +44,7 @@
 #include "../core/dilated_taps.h"
 #include "../layout.h"
 #include "../multi_dilation_conv_checks.h"
+#include "derived_weight_cache.h"
 #include "multi_dilation_conv_taps.h"
 #include "winograd_conv3x3.h"
 
@@ -173,31 +179,31 @@ bool fuses_convolutions(const at::Tensor& x_conv, const BranchPlan& plan) {
 at::Tensor channels_last_pixels(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
 
 // Whether a dilated branch at dilation d with kernel w (Cout, Cin, 3, 3) runs
-// as Winograd tiles on x (else through oneDNN); in the forward, a weight that
-// takes no gradient keeps its transform between calls.
-bool winograd_branch(const at::Tensor& x, const at::Tensor& w, int64_t d, bool forward) {
+// as Winograd tiles on x (else through oneDNN), with its transform made by
+// the call or, when `kernel_cached` (an inference weight used before), kept
+// between calls.
+bool winograd_branch(const at::Tensor& x, const at::Tensor& w, int64_t d, bool kernel_cached) {
   return winograd_pays(x.size(0), x.size(2), x.size(3), d, x.scalar_type()) ||
-         (forward && winograd_kernel_cacheable(w) &&
-          winograd_pays_with_cached_kernel(x.size(0), x.size(2), x.size(3), d, x.scalar_type(), w.size(1),
-                                           w.size(0)));
+         (kernel_cached && winograd_pays_with_cached_kernel(x.size(0), x.size(2), x.size(3), d, x.scalar_type(),
+                                                            w.size(1), w.size(0)));
 }
 
 // Whether every branch that reads the map off-centre runs as Winograd tiles
-// with a cached kernel (inference; such a map then goes channels-last even
-// when small: a dense 2048 -> 512 on 2 x 14 x 14 was 2x faster so than as
-// tap GEMMs).
+// with a cached kernel (such a map then goes channels-last even when small:
+// a dense 2048 -> 512 on 2 x 14 x 14 was 1.6x faster so than as tap GEMMs).
 bool dilated_branches_take_cached_winograd(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef dilations,
-                                           const BranchPlan& plan) {
-  if (plan.full.empty() || !winograd_kernel_cacheable(weight)) return false;
+                                           const BranchPlan& plan, bool kernels_cached) {
+  if (plan.full.empty() || !kernels_cached) return false;
   for (int64_t i : plan.full)
-    if (!winograd_branch(x, weight.select(0, i), dilations[i], /*forward=*/true)) return false;
+    if (!winograd_branch(x, weight.select(0, i), dilations[i], /*kernel_cached=*/true)) return false;
   return true;
 }
 
-// Whether dilated branches may take Winograd tiles, and whether one of them
-// wrote a non-finite value (then the op is computed again without them).
+// Whether dilated branches may take Winograd tiles, whether their kernels'
+// transforms are cached, and whether one of them wrote a non-finite value
+// (then the op is computed again without them).
 struct WinogradUse {
-  bool allowed = true, non_finite = false;
+  bool allowed = true, kernels_cached = false, non_finite = false;
 };
 
 // Sum through oneDNN (large maps, or dense ones), channels-last:
@@ -220,12 +226,13 @@ at::Tensor sum_branches(const at::Tensor& x, const at::Tensor& weight, at::IntAr
     const bool last = k + 1 == plan.full.size();
     const at::Tensor w = weight.select(0, i);
     const std::optional<at::Tensor> first_bias = acc.defined() ? std::nullopt : bias;
-    if (winograd.allowed && winograd_branch(x, w, d, /*forward=*/true)) {
+    if (winograd.allowed && winograd_branch(x, w, d, winograd.kernels_cached)) {
       const bool accumulate = acc.defined();
       if (!accumulate)
         acc = at::empty({x.size(0), w.size(0), x.size(2), x.size(3)},
                         x.options().memory_format(at::MemoryFormat::ChannelsLast));
-      winograd.non_finite |= !winograd_conv3x3_into(x, w, d, first_bias, accumulate, relu && last, acc);
+      winograd.non_finite |=
+          !winograd_conv3x3_into(x, w, d, first_bias, accumulate, relu && last, acc, winograd.kernels_cached);
       relu_applied = relu && last;
     } else if (fused) {
       acc = fused_convolution(x, w.contiguous(at::MemoryFormat::ChannelsLast), first_bias, d, relu && last, acc);
@@ -237,6 +244,37 @@ at::Tensor sum_branches(const at::Tensor& x, const at::Tensor& weight, at::IntAr
   }
   if (relu && !relu_applied) acc.relu_();
   return acc;
+}
+
+// rows (P, C) = act(rows + bias) in place, rows with unit column stride (a
+// channel slice of a channels-last pixel matrix): one pass, where addmm's
+// bias would be broadcast into the strided slice first (2.4 ms for 64 of 256
+// channels at 2 x 112 x 112, against 0.3 ms for this).
+template <typename T>
+void add_bias_relu_rows(T* data, int64_t ld, int64_t count, int64_t channels, const T* shift, bool relu) {
+  at::parallel_for(0, count, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      T* row = data + p * ld;
+      if (shift != nullptr) {
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c) row[c] = row[c] + shift[c];
+      }
+      if (relu) {
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c) row[c] = row[c] < T(0) ? T(0) : row[c];  // keeps NaN, as torch.relu
+      }
+    }
+  });
+}
+
+void add_bias_relu_(at::Tensor& rows, const std::optional<at::Tensor>& bias, bool relu) {
+  if (!bias.has_value() && !relu) return;
+  TORCH_CHECK(rows.dim() == 2 && rows.stride(1) == 1, "add_bias_relu_: expected rows with unit column stride");
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "add_bias_relu_", [&] {
+    add_bias_relu_rows(rows.data_ptr<scalar_t>(), rows.stride(0), rows.size(0), rows.size(1),
+                       b.defined() ? b.const_data_ptr<scalar_t>() : nullptr, relu);
+  });
 }
 
 // Concat through oneDNN (large maps, or dense ones), channels-last: each
@@ -255,17 +293,15 @@ at::Tensor concat_branches(const at::Tensor& x, const at::Tensor& weight, at::In
   for (int64_t i : plan.centre) {
     at::Tensor slice = channels_last_pixels(out).narrow(1, i * cout, cout);
     const at::Tensor centre = weight.select(0, i).select(2, 1).select(2, 1).t();  // (Cin, Cout)
-    if (bias.has_value())
-      at::addmm_out(slice, *bias_of(i), channels_last_pixels(x), centre);
-    else
-      at::mm_out(slice, channels_last_pixels(x), centre);
-    if (relu) slice.relu_();
+    at::mm_out(slice, channels_last_pixels(x), centre);
+    add_bias_relu_(slice, bias_of(i), relu);
   }
   for (int64_t i : plan.full) {
     const int64_t d = dilations[i];
-    if (winograd.allowed && winograd_branch(x, weight.select(0, i), d, /*forward=*/true)) {
+    if (winograd.allowed && winograd_branch(x, weight.select(0, i), d, winograd.kernels_cached)) {
       at::Tensor slice = out.narrow(1, i * cout, cout);
-      winograd.non_finite |= !winograd_conv3x3_into(x, weight.select(0, i), d, bias_of(i), false, relu, slice);
+      winograd.non_finite |=
+          !winograd_conv3x3_into(x, weight.select(0, i), d, bias_of(i), false, relu, slice, winograd.kernels_cached);
       continue;
     }
     const at::Tensor w = weight.select(0, i).contiguous(at::MemoryFormat::ChannelsLast);
@@ -281,15 +317,18 @@ at::Tensor multi_dilation_conv_cpu(const at::Tensor& x_in, const at::Tensor& wei
                                    const std::optional<at::Tensor>& bias, c10::string_view combine, bool relu) {
   const MultiDilationConvShape shape = check_multi_dilation_conv_inputs(x_in, weight, dilations, bias, combine);
   const BranchPlan plan = plan_branches(dilations, shape.height, shape.width);
+  // An inference weight seen before (weight_seen_before) keeps its branches'
+  // Winograd transforms between calls.
+  const bool kernels_cached = weight_seen_before(weight);
   if (uses_tap_gemms(shape.batch, shape.height, shape.width, dilations) &&
-      !dilated_branches_take_cached_winograd(x_in, weight, dilations, plan))
+      !dilated_branches_take_cached_winograd(x_in, weight, dilations, plan, kernels_cached))
     return multi_dilation_conv_taps(x_in, weight, dilations, bias, shape.concat, relu);
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   auto run = [&](WinogradUse& winograd) {
     return shape.concat ? concat_branches(x, weight, dilations, bias, relu, plan, winograd)
                         : sum_branches(x, weight, dilations, bias, relu, plan, winograd);
   };
-  WinogradUse winograd;
+  WinogradUse winograd{/*allowed=*/true, kernels_cached};
   at::Tensor out = run(winograd);
   if (winograd.non_finite) {  // NaN or infinity in x (or an overflow): exactly where direct taps put them
     WinogradUse direct{/*allowed=*/false};
@@ -304,7 +343,7 @@ at::Tensor multi_dilation_conv_cpu(const at::Tensor& x_in, const at::Tensor& wei
 // 112x112): (grad_x, grad_weight).
 std::tuple<at::Tensor, at::Tensor> branch_convolution_backward(const at::Tensor& grad, const at::Tensor& x,
                                                                const at::Tensor& weight, int64_t d) {
-  if (winograd_branch(x, weight, d, /*forward=*/false)) {
+  if (winograd_branch(x, weight, d, /*kernel_cached=*/false)) {
     auto [gx, gw, finite] = winograd_conv3x3_backward(grad, x, weight, d);
     if (finite) return {gx, gw};
     // A NaN or infinity spread through the tiles: the direct gradients below.

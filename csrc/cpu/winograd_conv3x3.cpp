@@ -621,10 +621,9 @@ bool winograd_pays_with_cached_kernel(int64_t batch, int64_t height, int64_t wid
          std::min(in_channels, out_channels) >= kMinCachedKernelChannels;
 }
 
-bool winograd_kernel_cacheable(const at::Tensor& weight) { return weight_cacheable(weight); }
-
 bool winograd_conv3x3_into(const at::Tensor& x_in, const at::Tensor& weight, int64_t dilation,
-                           const std::optional<at::Tensor>& bias, bool accumulate, bool relu, at::Tensor& out) {
+                           const std::optional<at::Tensor>& bias, bool accumulate, bool relu, at::Tensor& out,
+                           bool cache_kernel) {
   check_operands(x_in, weight, dilation);
   TORCH_CHECK(out.dim() == 4 && out.size(0) == x_in.size(0) && out.size(1) == weight.size(0) &&
                   out.size(2) == x_in.size(2) && out.size(3) == x_in.size(3) && has_contiguous_channels(out) &&
@@ -642,7 +641,7 @@ bool winograd_conv3x3_into(const at::Tensor& x_in, const at::Tensor& weight, int
       convolve(pixels_of<const scalar_t>(x), U.const_data_ptr<scalar_t>(), pixels_of<scalar_t>(out.narrow(1, o0, width)),
                dilation, epilogue, x.size(0), x.options());
     };
-    if (weight_cacheable(weight)) {  // the whole transformed kernel, made once
+    if (cache_kernel && weight_cacheable(weight)) {  // the whole transformed kernel, made once
       const at::Tensor U = cached_derived_weight(weight, kForwardKernel, [&] {
         return transform_weight<scalar_t>(weight, /*rotated=*/false);
       });

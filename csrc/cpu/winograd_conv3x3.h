@@ -15,14 +15,10 @@ namespace medmtl {
 // the transforms lose about 3 bits, too many for half precision), with the
 // kernel's transform made by the call...
 bool winograd_pays(int64_t batch, int64_t height, int64_t width, int64_t dilation, at::ScalarType dtype);
-// ... or kept from an earlier call (winograd_kernel_cacheable), for a kernel
+// ... or kept from an earlier call (cache_kernel below), for a kernel
 // (out_channels, in_channels, 3, 3).
 bool winograd_pays_with_cached_kernel(int64_t batch, int64_t height, int64_t width, int64_t dilation,
                                       at::ScalarType dtype, int64_t in_channels, int64_t out_channels);
-
-// Whether winograd_conv3x3_into keeps weight's transform between calls: the
-// weight takes no gradient (inference), see derived_weight_cache.h.
-bool winograd_kernel_cacheable(const at::Tensor& weight);
 
 // out = act(base + conv2d(x, weight, padding=d, dilation=d)), written into
 // out, with base = out's own values when `accumulate`, else bias (or 0).
@@ -33,9 +29,12 @@ bool winograd_kernel_cacheable(const at::Tensor& weight);
 // anywhere in a tile's 6x6 input spreads to all 16 of its outputs, also
 // those whose 3x3 window does not hold it (and a finite value within ~100x
 // of overflow can overflow in the transforms): the caller then computes the
-// convolution directly instead.
+// convolution directly instead. With `cache_kernel`, the kernel's transform
+// is kept for the next call with the same, unchanged weight (when the weight
+// is weight_cacheable: derived_weight_cache.h).
 bool winograd_conv3x3_into(const at::Tensor& x, const at::Tensor& weight, int64_t dilation,
-                           const std::optional<at::Tensor>& bias, bool accumulate, bool relu, at::Tensor& out);
+                           const std::optional<at::Tensor>& bias, bool accumulate, bool relu, at::Tensor& out,
+                           bool cache_kernel);
 
 // (grad_x, grad_weight, finite) of conv2d(x, weight, padding=d, dilation=d)
 // from grad (B, Cout, H, W) with channels-last pixels (a channel slice

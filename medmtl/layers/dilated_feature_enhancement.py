@@ -106,12 +106,9 @@ class DilatedFeatureEnhancement(nn.Module):
         # Where the backend convolves channels-last, the whole layer runs
         # channels-last (BatchNorm, 1x1 convolutions and the ops keep the
         # layout), so x is converted once rather than at every op.
-        # The convolution that decides it: the folded sum, or the concat's dense fuse.
-        if self.variant == "sum":
-            dilations, weight = self.dilations, params[0] if folded else None
-        else:
-            dilations, weight = [1], params[2][0] if folded else None
-        work = x.contiguous(memory_format=torch.channels_last) if prefers_channels_last(x, dilations, weight) else x
+        # The dilations that decide it: the folded sum's, or the concat's dense fuse.
+        dilations = self.dilations if self.variant == "sum" else [1]
+        work = x.contiguous(memory_format=torch.channels_last) if prefers_channels_last(x, dilations) else x
         if self.variant == "sum":
             y = self._sum_folded(work, *params) if folded else self._sum_train(work)
         else:

@@ -19,12 +19,11 @@ its weights so) and copies it otherwise.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 
-from medmtl._extension import extension_loaded
+from medmtl._extension import _C, extension_loaded
 from medmtl.ops import reference
 from medmtl.ops._layout import output_memory_format
 from medmtl.ops._registration import check_like, check_tensor
@@ -71,16 +70,6 @@ def multi_dilation_conv(
 CPU_CHANNELS_LAST_PIXELS = 40 * 40
 CPU_TAP_GEMM_PIXELS = 1024
 CPU_TAP_GEMM_DENSITY = 0.4
-# A small map also goes channels-last when the weight's Winograd transform is
-# cached (an inference weight: no gradient) and every branch that reads the
-# map off-centre pays as Winograd tiles with it
-# (winograd_pays_with_cached_kernel in csrc/cpu/winograd_conv3x3.cpp): float32
-# or float64, the taps do at least CPU_WINOGRAD_CACHED_RATIO times the tiles'
-# 36 multiply-adds each, the batch has at least CPU_WINOGRAD_CACHED_TILES
-# tiles, and both channel counts are at least CPU_WINOGRAD_CACHED_CHANNELS.
-CPU_WINOGRAD_CACHED_RATIO = 2.5
-CPU_WINOGRAD_CACHED_TILES = 32
-CPU_WINOGRAD_CACHED_CHANNELS = 64
 
 
 def off_centre_density(dilations: Sequence[int], height: int, width: int) -> float:
@@ -98,43 +87,28 @@ def off_centre_density(dilations: Sequence[int], height: int, width: int) -> flo
     return read / (taps * height * width) if taps else 0.0
 
 
-def _winograd_tiles(length: int, dilation: int) -> int:
-    """Winograd tiles along an axis: every 4th position of each sub-grid r + d m."""
-    return sum(-(-(length - r) // (4 * dilation)) for r in range(min(dilation, length)))
-
-
-def _winograd_pays_with_cached_kernel(batch: int, height: int, width: int, dilation: int, in_channels: int,
-                                      out_channels: int) -> bool:
-    direct = (sum(max(0, height - abs(s)) for s in (-dilation, 0, dilation))
-              * sum(max(0, width - abs(s)) for s in (-dilation, 0, dilation)))
-    tiles = batch * _winograd_tiles(height, dilation) * _winograd_tiles(width, dilation)
-    return (CPU_WINOGRAD_CACHED_RATIO * 36 * tiles <= batch * direct and tiles >= CPU_WINOGRAD_CACHED_TILES
-            and min(in_channels, out_channels) >= CPU_WINOGRAD_CACHED_CHANNELS)
-
-
-def _weight_cacheable(weight: torch.Tensor) -> bool:
-    """weight_cacheable in csrc/cpu/derived_weight_cache.cpp."""
-    return (os.environ.get("MEDMTL_WEIGHT_CACHE_MB", "1") != "0" and weight.device.type == "cpu"
-            and not weight.requires_grad and not weight.is_inference())
-
-
-def prefers_channels_last(x: torch.Tensor, dilations: Sequence[int], weight: torch.Tensor | None = None) -> bool:
-    """Whether the backend that would run multi_dilation_conv(x, weight, dilations)
+def prefers_channels_last(x: torch.Tensor, dilations: Sequence[int]) -> bool:
+    """Whether the backend that would run multi_dilation_conv(x, ., dilations)
     convolves x channels-last. A layer that runs several ops on x then converts
     it once and stays channels-last (every op keeps x's layout) instead of
-    converting per call. Without the weight, as for a weight that takes a gradient."""
+    converting per call."""
     if resolve_backend(OP_NAME, x.device) != "cpu" or x.dim() != 4:
         return False
     batch, _, height, width = x.shape
     if height * width >= CPU_CHANNELS_LAST_PIXELS:
         return True
-    dilated = [d for d in dilations if d > 0 and (d < height or d < width)]  # not only the centre tap
-    if (weight is not None and dilated and x.dtype in (torch.float32, torch.float64) and _weight_cacheable(weight)
-            and all(_winograd_pays_with_cached_kernel(batch, height, width, d, weight.shape[2], weight.shape[1])
-                    for d in dilated)):
-        return True
     return (batch * height * width > CPU_TAP_GEMM_PIXELS
             and off_centre_density(dilations, height, width) >= CPU_TAP_GEMM_DENSITY)
+
+
+def weight_cache_info() -> tuple[int, int, int]:
+    """(transforms held, their bytes, budget in bytes) of the cpu backend's cache
+    of Winograd kernel transforms (csrc/cpu/derived_weight_cache.h): an
+    inference weight (one that takes no gradient) seen a second time keeps
+    its transform while it lives unchanged (by its version counter), up to
+    the budget (MEDMTL_WEIGHT_CACHE_MB, default 1024; 0 turns it off), least
+    recently used dropped first."""
+    return tuple(_C.weight_cache_info()) if extension_loaded() else (0, 0, 0)
 
 
 def _check_inputs(x, weight, dilations, bias, combine, activation) -> list[int]:

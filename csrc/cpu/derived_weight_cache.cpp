@@ -73,6 +73,31 @@ struct Cache {
                   entries.end());
   }
 
+  // The live entry of this unchanged weight, marked as used now; null if none.
+  Entry* find(const WeightKey& key) {
+    purge_expired();
+    for (Entry& e : entries)
+      if (e.key.matches(key)) {
+        e.last_use = ++clock;
+        return &e;
+      }
+    return nullptr;
+  }
+
+  // Puts an entry in place of any for the same weight slot (a stale one).
+  void insert(const WeightKey& key, const at::Tensor& value, int64_t bytes) {
+    purge_expired();
+    entries.erase(std::remove_if(entries.begin(), entries.end(), [&](const Entry& e) { return e.key.same_slot(key); }),
+                  entries.end());
+    while (this->bytes() + bytes > derived_weight_cache_budget()) {  // the least recently used derived tensor goes
+      auto oldest = entries.end();
+      for (auto e = entries.begin(); e != entries.end(); ++e)
+        if (e->value.defined() && (oldest == entries.end() || e->last_use < oldest->last_use)) oldest = e;
+      entries.erase(oldest);
+    }
+    entries.push_back({key, value, bytes, ++clock});
+  }
+
   int64_t bytes() const {
     int64_t total = 0;
     for (const Entry& e : entries) total += e.bytes;
@@ -96,8 +121,8 @@ int64_t derived_weight_cache_budget() {
 }
 
 bool weight_cacheable(const at::Tensor& weight) {
-  return derived_weight_cache_budget() > 0 && weight.device().is_cpu() && !weight.requires_grad() && !weight.is_inference() &&
-         weight.has_storage();
+  return derived_weight_cache_budget() > 0 && weight.device().is_cpu() && !weight.requires_grad() &&
+         !weight.is_inference() && weight.has_storage();
 }
 
 bool weight_seen_before(const at::Tensor& weight) {
@@ -105,16 +130,8 @@ bool weight_seen_before(const at::Tensor& weight) {
   const WeightKey key = WeightKey::of(weight, kSighting);
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
-  c.purge_expired();
-  for (Entry& e : c.entries)
-    if (e.key.matches(key)) {
-      e.last_use = ++c.clock;
-      return true;
-    }
-  c.entries.erase(std::remove_if(c.entries.begin(), c.entries.end(),
-                                 [&](const Entry& e) { return e.key.same_slot(key); }),
-                  c.entries.end());
-  c.entries.push_back({key, at::Tensor(), 0, ++c.clock});
+  if (c.find(key) != nullptr) return true;
+  c.insert(key, at::Tensor(), 0);
   return false;
 }
 
@@ -124,12 +141,7 @@ at::Tensor cached_derived_weight(const at::Tensor& weight, int64_t kind, const s
   Cache& c = cache();
   {
     std::lock_guard<std::mutex> lock(c.mutex);
-    c.purge_expired();
-    for (Entry& e : c.entries)
-      if (e.key.matches(key)) {
-        e.last_use = ++c.clock;
-        return e.value;
-      }
+    if (const Entry* hit = c.find(key)) return hit->value;
   }
   // Derived outside the lock (it may run on all threads); another thread may
   // derive the same weight meanwhile, and the later insert replaces the other.
@@ -137,17 +149,7 @@ at::Tensor cached_derived_weight(const at::Tensor& weight, int64_t kind, const s
   const int64_t bytes = static_cast<int64_t>(value.nbytes());
   if (bytes > derived_weight_cache_budget()) return value;
   std::lock_guard<std::mutex> lock(c.mutex);
-  c.purge_expired();
-  c.entries.erase(std::remove_if(c.entries.begin(), c.entries.end(),
-                                 [&](const Entry& e) { return e.key.same_slot(key); }),
-                  c.entries.end());
-  while (c.bytes() + bytes > derived_weight_cache_budget()) {  // drop the least recently used derived tensors
-    auto oldest = c.entries.end();
-    for (auto e = c.entries.begin(); e != c.entries.end(); ++e)
-      if (e->value.defined() && (oldest == c.entries.end() || e->last_use < oldest->last_use)) oldest = e;
-    c.entries.erase(oldest);
-  }
-  c.entries.push_back({key, value, bytes, ++c.clock});
+  c.insert(key, value, bytes);
   return value;
 }
 
@@ -155,7 +157,8 @@ std::pair<int64_t, int64_t> derived_weight_cache_size() {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
   c.purge_expired();
-  const int64_t derived = std::count_if(c.entries.begin(), c.entries.end(), [](const Entry& e) { return e.value.defined(); });
+  const int64_t derived =
+      std::count_if(c.entries.begin(), c.entries.end(), [](const Entry& e) { return e.value.defined(); });
   return {derived, c.bytes()};
 }
 

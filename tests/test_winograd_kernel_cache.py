@@ -192,5 +192,8 @@ def test_layer_eval_with_cached_transforms_follows_its_parameters():
         layer.load_state_dict(other.state_dict())
         for _ in range(2):
             torch.testing.assert_close(layer(x), PlainDFE(other).eval()(x), atol=1e-9, rtol=1e-9)
-    del layer
+    layer.train()  # drops the eval fold, and its transform with the next op call
+    x.requires_grad_()
+    with medmtl.backend("cpu"):
+        layer(x).sum().backward()
     assert _entries() == before

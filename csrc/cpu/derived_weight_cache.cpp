@@ -126,10 +126,13 @@ bool weight_cacheable(const at::Tensor& weight) {
 }
 
 bool weight_seen_before(const at::Tensor& weight) {
-  if (!weight_cacheable(weight)) return false;
-  const WeightKey key = WeightKey::of(weight, kSighting);
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
+  if (!weight_cacheable(weight)) {
+    c.purge_expired();  // a layer back in training frees its eval fold: its transforms go now
+    return false;
+  }
+  const WeightKey key = WeightKey::of(weight, kSighting);
   if (c.find(key) != nullptr) return true;
   c.insert(key, at::Tensor(), 0);
   return false;

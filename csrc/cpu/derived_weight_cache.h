@@ -32,7 +32,8 @@ bool weight_cacheable(const at::Tensor& weight);
 // Whether `weight` (weight_cacheable) was passed here before and has not
 // changed since: an inference weight that calls reuse. Records this call, so
 // a weight made afresh on every call (a fold inside a compiled graph) never
-// has its derivations cached.
+// has its derivations cached. Every call (any weight) also drops the entries
+// of weights that are gone.
 bool weight_seen_before(const at::Tensor& weight);
 
 // derive(), which depends only on `weight` and `kind` (one id per kind of

@@ -22,8 +22,13 @@
 // Each thread processes its blocks of tiles one at a time (transform, 36
 // GEMMs, inverse transform), so a block's transformed tiles stay in its L2
 // cache; the kernel gradient's threads split x's channels instead, each
-// owning its columns of grad_U. Transformed kernels over 16 MB are made and
-// used in slabs of channels. The transforms run over channels in vectors of
+// owning its columns of grad_U. With few tiles and a large kernel (the tiles'
+// transformed values fewer than the kernel's), the tiles go in stages
+// instead: all inputs transformed, the 36 GEMMs split among the threads, all
+// outputs (convolve_in_stages), so the kernel is streamed once. Transformed
+// kernels over 16 MB are made and used in slabs of channels, unless an
+// inference weight's whole transform is kept between calls
+// (derived_weight_cache.h). The transforms run over channels in vectors of
 // kLanes (pixels are channels-last, explicitly vectorised with omp simd); the
 // GEMMs are single-threaded calls to the BLAS ATen links.
 #include "winograd_conv3x3.h"
@@ -231,10 +236,10 @@ constexpr int64_t kMaxBlockTiles = 64, kMinBlockTiles = 16;
 // transforms the kernel...
 constexpr int64_t kMinTiles = 256;
 // ... and when the kernel's transform is cached (derived_weight_cache.h),
-// with the taps doing at least kCachedKernelRatio / 10 times Winograd's
-// multiply-adds.
+// with the taps doing at least kCachedKernelRatio times Winograd's
+// multiply-adds and at least kMinCachedKernelChannels channels each way.
 constexpr int64_t kMinCachedKernelTiles = 32;
-constexpr int64_t kCachedKernelRatio = 25;
+constexpr double kCachedKernelRatio = 2.5;
 constexpr int64_t kMinCachedKernelChannels = 64;
 
 // A transformed kernel is made and used in slabs of channels of at most this
@@ -567,10 +572,6 @@ void check_operands(const at::Tensor& x, const at::Tensor& weight, int64_t dilat
               ">= 1, got x ", x.sizes(), ", weight ", weight.sizes(), ", dilation ", dilation);
 }
 
-}  // namespace
-
-namespace {
-
 // Multiply-adds per output channel pair of a 3x3 convolution at dilation d on
 // a batch of H x W maps: as direct taps (each tap over the positions where it
 // reads the map), and as Winograd tiles (36 per tile).
@@ -616,9 +617,13 @@ bool winograd_pays_with_cached_kernel(int64_t batch, int64_t height, int64_t wid
   // 2 x 28 x 28 (98 tiles) took 10 ms against oneDNN's 22, a dense 2048 ->
   // 512 on 2 x 14 x 14 (32 tiles, 2.8x fewer multiply-adds) 16-19 ms against
   // the tap GEMMs' 28. The tiles' transforms cost per channel what a GEMM
-  // does per channel pair, so few channels do not pay.
-  return kCachedKernelRatio * mads.winograd <= 10 * mads.direct && mads.winograd >= kMinCachedKernelTiles * kPoints &&
-         std::min(in_channels, out_channels) >= kMinCachedKernelChannels;
+  // does per channel pair, so few channels do not pay; and a transform the
+  // cache cannot hold would be made on every call.
+  const int64_t transform_bytes = kPoints * in_channels * out_channels * static_cast<int64_t>(c10::elementSize(dtype));
+  return kCachedKernelRatio * static_cast<double>(mads.winograd) <= static_cast<double>(mads.direct) &&
+         mads.winograd >= kMinCachedKernelTiles * kPoints &&
+         std::min(in_channels, out_channels) >= kMinCachedKernelChannels &&
+         transform_bytes <= derived_weight_cache_budget();
 }
 
 bool winograd_conv3x3_into(const at::Tensor& x_in, const at::Tensor& weight, int64_t dilation,
@@ -641,7 +646,9 @@ bool winograd_conv3x3_into(const at::Tensor& x_in, const at::Tensor& weight, int
       convolve(pixels_of<const scalar_t>(x), U.const_data_ptr<scalar_t>(), pixels_of<scalar_t>(out.narrow(1, o0, width)),
                dilation, epilogue, x.size(0), x.options());
     };
-    if (cache_kernel && weight_cacheable(weight)) {  // the whole transformed kernel, made once
+    const int64_t transform_bytes = kPoints * cin * cout * static_cast<int64_t>(sizeof(scalar_t));
+    if (cache_kernel && weight_cacheable(weight) && transform_bytes <= derived_weight_cache_budget()) {
+      // The whole transformed kernel, made once.
       const at::Tensor U = cached_derived_weight(weight, kForwardKernel, [&] {
         return transform_weight<scalar_t>(weight, /*rotated=*/false);
       });

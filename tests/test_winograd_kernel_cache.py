@@ -141,11 +141,13 @@ def test_fresh_weights_every_call_are_not_cached():
 
 
 def test_budget_from_the_environment():
-    """MEDMTL_WEIGHT_CACHE_MB bounds the cache: 0 turns it off, and at 3 MB a
-    second 2.4 MB transform pushes out the least recently used; every answer
-    stays right."""
+    """MEDMTL_WEIGHT_CACHE_MB bounds the cache: 0 turns it off; at 3 MB a second
+    2.4 MB transform pushes out the least recently used; at 1 MB it does not
+    fit, so the small map stays on the tap GEMMs (rather than transforming
+    the kernel on every call). Every answer stays right."""
     script = """
 import gc, torch, medmtl  # noqa
+from torch.profiler import profile
 from medmtl.ops import multi_dilation_conv
 from medmtl.ops.multi_dilation_conv import weight_cache_info
 x = torch.randn(2, 128, 14, 14, dtype=torch.float64)
@@ -153,22 +155,25 @@ weights = [torch.randn(1, 64, 128, 3, 3, dtype=torch.float64) / 30 for _ in rang
 with medmtl.backend("cpu"):
     for w in weights + weights:
         for _ in range(2):
-            got = multi_dilation_conv(x, w, [1], None, "sum")
+            with profile() as prof:
+                got = multi_dilation_conv(x, w, [1], None, "sum")
             expected = torch.nn.functional.conv2d(x, w[0], padding=1)
             assert torch.allclose(got, expected, atol=1e-10, rtol=1e-10)
         gc.collect()
-        print(*weight_cache_info())
+        taps = any(e.name in ("aten::mm", "aten::addmm") for e in prof.events())
+        print(*weight_cache_info(), int(taps))
 """
     env = dict(os.environ)
     results = {}
-    for budget in ("0", "3"):
+    for budget in ("0", "1", "3"):
         env["MEDMTL_WEIGHT_CACHE_MB"] = budget
         run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
         results[budget] = [tuple(int(v) for v in line.split()) for line in run.stdout.splitlines()]
-    assert results["0"] == [(0, 0, 0)] * 4
+    assert results["0"] == [(0, 0, 0, 1)] * 4
+    assert results["1"] == [(0, 0, 1 << 20, 1)] * 4
     transform_bytes = 36 * 128 * 64 * 8
-    assert results["3"] == [(1, transform_bytes, 3 << 20)] * 4
+    assert results["3"] == [(1, transform_bytes, 3 << 20, 0)] * 4
 
 
 def test_layer_eval_with_cached_transforms_follows_its_parameters():

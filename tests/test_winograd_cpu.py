@@ -33,8 +33,8 @@ def _forward_backward(x, weight, dilations, bias, combine, activation):
     return run
 
 
-# Winograd shapes: a dense 3x3 (dilation 1, 2 or 3) on maps of 40x40 or more,
-# dilation 6 on 112x112, with at least 256 tiles in the batch. Partial tiles
+# Winograd shapes: a dense 3x3 (dilation 1, 2 or 3) on maps of 28x28 or more,
+# dilation 6 on 112x112, with at least 96 tiles in the batch. Partial tiles
 # at the edges (45, 41 and 53 are not multiples of 4 d), channel counts across
 # the 64-channel vectors and the 128-channel GEMM chunks, batches of 1 to 3.
 WINOGRAD_CASES = [
@@ -43,6 +43,9 @@ WINOGRAD_CASES = [
     ((3, 130, 3), (40, 43), [1]),
     ((2, 4, 6), (53, 47), [3]),
     ((1, 3, 4), (112, 112), [6]),
+    # 98 tiles, and a kernel larger than the tiles' transforms: in stages,
+    # forward and both backward convolutions.
+    ((2, 256, 200), (28, 27), [1]),
 ]
 
 

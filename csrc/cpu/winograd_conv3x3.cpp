@@ -234,7 +234,7 @@ constexpr int64_t kBlockBytes = 1 << 20;
 constexpr int64_t kMaxBlockTiles = 64, kMinBlockTiles = 16;
 // Fewest tiles (in the batch) for which winograd_pays when the call
 // transforms the kernel...
-constexpr int64_t kMinTiles = 256;
+constexpr int64_t kMinTiles = 96;
 // ... and when the kernel's transform is cached (derived_weight_cache.h),
 // with the taps doing at least kCachedKernelRatio times Winograd's
 // multiply-adds and at least kMinCachedKernelChannels channels each way.
@@ -604,8 +604,9 @@ bool winograd_pays(int64_t batch, int64_t height, int64_t width, int64_t dilatio
   // 3x3 on 56x56 or more, dilation 6 on 112x112); even or slower below that
   // (dilations 12 and 18 on 112x112, where 9-12 tile rows cover 112 rows, and
   // 6, 12, 18 on 56x56: 0.75-1.0x). Every call transforms the kernel (4x its
-  // size), which takes enough tiles to pay off: with 98 (a dense 1024 -> 256
-  // on 2 x 28 x 28, a 37 MB transformed kernel) it was 0.9x oneDNN's speed.
+  // size), which takes enough tiles to pay off: with 98 in stages (a dense
+  // 2 x 28 x 28), 1024 -> 256 and 512 -> 512 channels were 1.0-1.2x oneDNN's
+  // speed forward and 1.0-1.3x forward + backward, 256 -> 256 1.3x both.
   return 3 * mads.winograd <= mads.direct && mads.winograd >= kMinTiles * kPoints;
 }
 

@@ -36,6 +36,9 @@ TORCH_LIBRARY(medmtl, m) {
   m.def(
       "multi_dilation_conv_backward(Tensor grad_output, Tensor x, Tensor weight, int[] dilations, "
       "Tensor output, str combine, bool relu) -> (Tensor, Tensor, Tensor)");
+  // x (B, C, H, W) laid out channels-last or NCHW-contiguous (a copy unless it
+  // already is): how layers convert once for a chain of channels-last ops.
+  m.def("relayout(Tensor x, bool channels_last) -> Tensor");
   // x * sigmoid(conv(cat(mean_c x, max_c x), weight)), weight (1, 2, K, K).
   m.def("spatial_attention(Tensor x, Tensor weight) -> Tensor");
   m.def("spatial_attention_backward(Tensor grad_output, Tensor x, Tensor weight) -> (Tensor, Tensor)");

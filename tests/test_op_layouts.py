@@ -140,14 +140,58 @@ def test_spatial_attention_channels_last_nan_and_inf_match_reference():
     torch.testing.assert_close(got, expected, equal_nan=True)
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 41, 7), (1, 3, 16, 4), (2, 1, 33, 3)])
-def test_contiguous_by_rows(shape):
-    from medmtl.ops._layout import contiguous_by_rows
+RELAYOUT_SHAPES = [(2, 5, 41, 7), (1, 3, 16, 4), (2, 1, 33, 3), (2, 70, 65, 66), (1, 130, 1, 1), (0, 3, 4, 4)]
 
-    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
-    y = contiguous_by_rows(x)
-    assert y.is_contiguous()
-    torch.testing.assert_close(y, x.detach(), rtol=0, atol=0)
-    grad = torch.randn(shape, dtype=torch.float64)
-    (got,) = torch.autograd.grad(y, x, grad)
-    torch.testing.assert_close(got, grad, rtol=0, atol=0)
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int32])
+@pytest.mark.parametrize("shape", RELAYOUT_SHAPES)
+@pytest.mark.parametrize("source", LAYOUTS)
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_relayout_matches_contiguous(channels_last, source, shape, dtype):
+    """relayout is .contiguous(memory_format) bit for bit (tile edges: 70 and 130
+    channels, 65 x 66 and 1 x 1 maps; every dtype, any source layout), and its
+    gradient comes back laid out as its input."""
+    from medmtl.ops._layout import relayout
+
+    x = _x(shape, source).detach().to(dtype)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    y = relayout(x, channels_last)
+    assert y.is_contiguous(memory_format=memory_format)
+    assert torch.equal(y, x)
+    if x.is_contiguous(memory_format=memory_format):
+        assert y is x  # no copy
+    op_out = torch.ops.medmtl.relayout(x, channels_last)
+    assert op_out.data_ptr() != x.data_ptr() or x.numel() == 0  # the op never aliases its input
+    assert torch.equal(op_out, x)
+    if dtype.is_floating_point and x.numel() and not x.is_contiguous(memory_format=memory_format):
+        x.requires_grad_()
+        grad = torch.randn(shape, dtype=torch.float64).to(dtype)
+        (got,) = torch.autograd.grad(relayout(x, channels_last), x, grad)
+        _assert_laid_out_like(got, x, "relayout's gradient")
+        assert torch.equal(got, grad)
+
+
+def test_relayout_opcheck_and_compile():
+    from medmtl.ops._layout import relayout
+
+    x = _x((2, 70, 9, 11), "contiguous")
+    for channels_last, source in ((True, x), (False, x.detach().contiguous(memory_format=torch.channels_last))):
+        torch.library.opcheck(torch.ops.medmtl.relayout.default, (source.detach().requires_grad_(), channels_last))
+
+    def fn(t):
+        return relayout(relayout(t, True) * 2, False).square().sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    (got,) = torch.autograd.grad(compiled(x), x)
+    (expected,) = torch.autograd.grad(fn(x), x)
+    assert got.stride() == expected.stride()
+    torch.testing.assert_close(got, expected)
+
+
+def test_relayout_rejects_bad_input():
+    from medmtl.ops._layout import relayout
+
+    with pytest.raises(ValueError, match="relayout: t must be a 4-D tensor"):
+        relayout(torch.zeros(2, 3, 4), True)
+    with pytest.raises(RuntimeError, match="relayout: x must be 4-D"):
+        torch.ops.medmtl.relayout(torch.zeros(2, 3), False)

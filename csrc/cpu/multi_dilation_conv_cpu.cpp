@@ -334,7 +334,7 @@ at::Tensor multi_dilation_conv_cpu(const at::Tensor& x_in, const at::Tensor& wei
     WinogradUse direct{/*allowed=*/false};
     out = run(direct);
   }
-  return output_format(x_in) == at::MemoryFormat::Contiguous ? contiguous_by_rows(out) : out;
+  return output_format(x_in) == at::MemoryFormat::Contiguous ? contiguous_nchw(out) : out;
 }
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from medmtl.layers._batch_norm import batch_norm_as_affine
-from medmtl.ops._layout import contiguous_by_rows
+from medmtl.ops._layout import relayout
 from medmtl.ops.multi_dilation_conv import multi_dilation_conv, prefers_channels_last
 from medmtl.ops.spatial_attention import spatial_attention
 
@@ -116,7 +116,7 @@ class DilatedFeatureEnhancement(nn.Module):
         # layout), so x is converted once rather than at every op.
         # The dilations that decide it: the folded sum's, or the concat's dense fuse.
         dilations = self.dilations if self.variant == "sum" else [1]
-        work = x.contiguous(memory_format=torch.channels_last) if prefers_channels_last(x, dilations) else x
+        work = relayout(x, channels_last=True) if prefers_channels_last(x, dilations) else x
         if self.variant == "sum":
             y = self._sum_folded(work, *params) if folded else self._sum_train(work)
         else:
@@ -124,7 +124,7 @@ class DilatedFeatureEnhancement(nn.Module):
         if self.attention is not None:
             y = spatial_attention(y, self.attention.weight)
         # Converted here: back to NCHW (x was not channels-last).
-        return contiguous_by_rows(y) if work is not x else y
+        return relayout(y, channels_last=False) if work is not x else y
 
     # -- train mode: the dilated convolutions as one op, BatchNorm as BatchNorm does
 

@@ -202,3 +202,22 @@ def test_layer_eval_with_cached_transforms_follows_its_parameters():
     with medmtl.backend("cpu"):
         layer(x).sum().backward()
     assert _entries() == before
+
+
+def test_concurrent_calls_share_the_cache_safely():
+    """Threads calling with the same and with different inference weights at
+    once (the cache is shared behind a mutex) each get their own right answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, _, bias = _inputs(2, 128, 64, (14, 14))
+    weights = [_inputs(2, 128, 64, (14, 14), seed=s)[1] for s in (1, 2)]
+    expected = [_reference(x, w, [1], bias) for w in weights]
+
+    def worker(k):
+        for _ in range(4):
+            got = _cpu(x, weights[k % 2], [1], bias)
+            torch.testing.assert_close(got, expected[k % 2], atol=1e-10, rtol=1e-10)
+        return True
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(worker, range(8)))

@@ -101,12 +101,16 @@ def test_cached_concat_branches_and_layouts():
 
 def test_in_place_write_is_seen():
     x, weight, bias = _inputs(2, 128, 64, (14, 14))
+    before = _entries()
     for _ in range(2):
         _cpu(x, weight, [1], bias)
+    assert _entries() == before + 1
     with torch.no_grad():
         weight[0, :, :, 1, 1] += 1.0  # through a view: the version counter is shared
     expected = _reference(x, weight, [1], bias)
-    for _ in range(3):
+    torch.testing.assert_close(_cpu(x, weight, [1], bias), expected, atol=1e-10, rtol=1e-10)
+    assert _entries() == before  # the stale transform went with the first call after the write
+    for _ in range(2):
         torch.testing.assert_close(_cpu(x, weight, [1], bias), expected, atol=1e-10, rtol=1e-10)
     weight.copy_(torch.randn_like(weight) / 30)
     expected = _reference(x, weight, [1], bias)

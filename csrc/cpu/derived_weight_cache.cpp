@@ -84,10 +84,15 @@ struct Cache {
     return nullptr;
   }
 
-  // Puts an entry in place of any for the same weight slot (a stale one).
+  // Puts an entry in place of any for the same weight slot, and drops those
+  // of the same storage at another version (stale once it was written).
   void insert(const WeightKey& key, const at::Tensor& value, int64_t bytes) {
     purge_expired();
-    entries.erase(std::remove_if(entries.begin(), entries.end(), [&](const Entry& e) { return e.key.same_slot(key); }),
+    entries.erase(std::remove_if(entries.begin(), entries.end(),
+                                 [&](const Entry& e) {
+                                   return e.key.same_slot(key) ||
+                                          (e.key.storage == key.storage && e.key.version != key.version);
+                                 }),
                   entries.end());
     while (this->bytes() + bytes > derived_weight_cache_budget()) {  // the least recently used derived tensor goes
       auto oldest = entries.end();

@@ -39,8 +39,10 @@ TORCH_LIBRARY(medmtl, m) {
   // x (B, C, H, W) laid out channels-last or NCHW-contiguous (a copy unless it
   // already is): how layers convert once for a chain of channels-last ops.
   m.def("relayout(Tensor x, bool channels_last) -> Tensor");
-  // x * sigmoid(conv(cat(mean_c x, max_c x), weight)), weight (1, 2, K, K).
-  m.def("spatial_attention(Tensor x, Tensor weight) -> Tensor");
+  // x * sigmoid(conv(cat(mean_c x, max_c x), weight)), weight (1, 2, K, K);
+  // laid out as x, or NCHW-contiguous when contiguous_output (a layer that
+  // converted its input to channels-last gets its output back in one pass).
+  m.def("spatial_attention(Tensor x, Tensor weight, bool contiguous_output=False) -> Tensor");
   m.def("spatial_attention_backward(Tensor grad_output, Tensor x, Tensor weight) -> (Tensor, Tensor)");
 
   // Shifted-window attention (Swin) over token maps q, k, v (B, *S, heads,

@@ -282,12 +282,13 @@ def _pool_and_gate(x: torch.Tensor, weight: torch.Tensor, store_arg: bool):
     return pooled, arg, gate
 
 
-def spatial_attention_forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def spatial_attention_forward(x: torch.Tensor, weight: torch.Tensor, contiguous_output: bool = False) -> torch.Tensor:
     """Forward of spatial_attention.
 
     Args:
         x: (B, C, H, W).
         weight: (1, 2, K, K), K odd, x's dtype and device.
+        contiguous_output: return the result NCHW-contiguous (else laid out as x).
 
     Returns:
         x * sigmoid(conv2d(cat(mean_c x, max_c x), weight, padding=K // 2)), (B, C, H, W), x's dtype.
@@ -298,14 +299,14 @@ def spatial_attention_forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Te
     P = H * W
     out = torch.empty_like(x)
     if x.numel() == 0:
-        return torch.empty_like(x_in)
+        return out if contiguous_output else torch.empty_like(x_in)
     with _device_guard(x.device):
         _, _, gate = _pool_and_gate(x, weight, store_arg=False)
         apply_blocks = triton.cdiv(P, APPLY_BLOCK)
         spatial_attention_apply_kernel[(B * C * apply_blocks,)](
             x, gate, out, C, P, apply_blocks, BLOCK=APPLY_BLOCK,
         )
-    return laid_out_like(out, x_in)   # the kernels write NCHW
+    return out if contiguous_output else laid_out_like(out, x_in)   # the kernels write NCHW
 
 
 def spatial_attention_backward(

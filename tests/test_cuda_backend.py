@@ -116,6 +116,11 @@ def test_cuda_spatial_attention_matches_reference(k):
     torch.testing.assert_close(results["cuda"][0], results["reference"][0])
     for got, expected in zip(results["cuda"][1], results["reference"][1]):
         torch.testing.assert_close(got, expected)
+    with medmtl.backend("cuda"):
+        nchw = medmtl.ops.spatial_attention(x.detach().to(memory_format=torch.channels_last), weight.detach(),
+                                            contiguous_output=True)
+    assert nchw.is_contiguous()
+    torch.testing.assert_close(nchw, results["reference"][0].detach())
 
 
 @requires_cuda_gpu

@@ -235,8 +235,10 @@ def test_conv_property(p):
 
 # --------------------------------------------------------------------------- spatial attention
 
-@pytest.mark.parametrize("shape", [(2, 5, 9, 7), (1, 1, 4, 4), (2, 3, 1, 1), (1, 8, 14, 14)])
-@pytest.mark.parametrize("k", [7, 3])
+# The gate's KxK convolution runs directly; 7 on 1x1 and 4x4 maps reads
+# mostly padding, 1 none, 5 on 2 x 9 a band of rows.
+@pytest.mark.parametrize("shape", [(2, 5, 9, 7), (1, 1, 4, 4), (2, 3, 1, 1), (1, 8, 14, 14), (1, 4, 2, 9)])
+@pytest.mark.parametrize("k", [7, 3, 1, 5])
 def test_attention_matches_reference(shape, k):
     x = _x(shape)
     weight = (torch.randn(1, 2, k, k, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
@@ -273,6 +275,20 @@ def test_attention_gradcheck_opcheck_compile():
         got = compiled(x, weight)
     torch.library.opcheck(torch.ops.medmtl.spatial_attention.default, (x, weight))
     torch.testing.assert_close(got, reference.spatial_attention(x, weight).sum())
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_attention_half_precision(dtype, tol, layout):
+    """The gate accumulates in float32 and rounds once (the reference rounds the
+    convolution, then the sigmoid): within a rounding of the reference's output."""
+    x = _x((2, 6, 11, 9), dtype=torch.float32, layout=layout).detach()
+    weight = torch.randn(1, 2, 7, 7, generator=torch.Generator().manual_seed(7)) / 7
+    with medmtl.backend("cpu"):
+        got = spatial_attention(x.to(dtype), weight.to(dtype))
+    expected = reference.spatial_attention(x, weight)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
 
 
 def test_attention_float32_channels_last():

@@ -86,6 +86,35 @@ def test_spatial_attention_layouts(layout):
         torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_spatial_attention_contiguous_output(layout):
+    """contiguous_output=True: the output is NCHW-contiguous whatever x's layout
+    (channels-last x is gated as it is transposed), with the reference's values;
+    the gradients still come back laid out as the inputs."""
+    x = _x((2, 70, 9, 8), layout)
+    weight = (torch.randn(1, 2, 7, 7, dtype=x.dtype, generator=torch.Generator().manual_seed(1)) / 7)
+    weight = weight.requires_grad_()
+
+    def fn(x, w):
+        return spatial_attention(x, w, contiguous_output=True)
+
+    out, grads = _run(fn, (x, weight), "cpu")
+    expected_out, expected_grads = _run(fn, (x, weight), "reference")
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, expected_out, atol=1e-12, rtol=1e-12)
+    for got, expected, like in zip(grads, expected_grads, (x, weight)):
+        _assert_laid_out_like(got, like, "gradient")
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_spatial_attention_contiguous_output_must_be_a_bool():
+    x = _x((1, 3, 4, 4), "contiguous")
+    weight = torch.randn(1, 2, 3, 3, dtype=x.dtype)
+    for backend in ("cpu", "reference"):
+        with medmtl.backend(backend), pytest.raises(TypeError, match="contiguous_output must be a bool, got str"):
+            spatial_attention(x, weight, contiguous_output="yes")
+
+
 def test_channels_last_max_ties_take_the_first_channel():
     """Channels-last spatial attention routes the max's gradient to the first maximal
     channel, as torch.max does."""
@@ -105,6 +134,7 @@ def test_opcheck_channels_last(hw):
     torch.library.opcheck(torch.ops.medmtl.multi_dilation_conv.default, (x, weight, [0, 4], None, "concat", False))
     gate = (torch.randn(1, 2, 7, 7, dtype=x.dtype) / 7).requires_grad_()
     torch.library.opcheck(torch.ops.medmtl.spatial_attention.default, (x, gate))
+    torch.library.opcheck(torch.ops.medmtl.spatial_attention.default, (x, gate, True))
 
 
 def test_compiled_channels_last_matches_eager():

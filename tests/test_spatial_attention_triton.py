@@ -158,6 +158,24 @@ def test_registered_op_opcheck():
     x, weight = _inputs((1, 2, 3, 4), 3, torch.float64, seed=22)
     torch.library.opcheck(torch.ops.medmtl.spatial_attention_triton.default,
                           (x.requires_grad_(), weight.requires_grad_()))
+    cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(torch.ops.medmtl.spatial_attention_triton.default, (cl, weight, True))
+
+
+def test_contiguous_output_from_channels_last():
+    """contiguous_output=True returns the kernels' NCHW result as it is, with the
+    reference's values and gradients (the gradient laid out as x)."""
+    x, weight = _inputs((2, 3, 5, 4), 3, torch.float64, seed=25)
+    xs = x.to(memory_format=torch.channels_last).requires_grad_()
+    with medmtl.ops.backend("triton"):
+        out = medmtl.ops.spatial_attention(xs, weight, contiguous_output=True)
+    assert out.is_contiguous()
+    grad_output = torch.randn(out.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(26))
+    (grad_x,) = torch.autograd.grad(out, xs, grad_output)
+    ref_out, ref_gx, _ = _reference(x, weight, grad_output)
+    torch.testing.assert_close(out, ref_out, **TOL[torch.float64])
+    assert grad_x.stride() == xs.stride()
+    torch.testing.assert_close(grad_x, ref_gx, **TOL[torch.float64])
 
 
 def test_torch_compile_fullgraph_with_triton_backend():

@@ -6,35 +6,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
-
 #include "../layout.h"
+#include "transpose_tiles.h"
 
 namespace medmtl {
 namespace {
-
-constexpr int64_t kTile = 64;
-
-// dst[q R + r] = src[r Q + q] for each of `count` (R x Q) matrices, in
-// kTile x kTile tiles split among the threads; the inner loop writes dst
-// along its rows (vectorised) and reads src down its columns.
-template <typename T>
-void transpose_matrices(const T* src, T* dst, int64_t count, int64_t R, int64_t Q) {
-  const int64_t r_tiles = (R + kTile - 1) / kTile, q_tiles = (Q + kTile - 1) / kTile;
-  at::parallel_for(0, count * r_tiles * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t m = k / (r_tiles * q_tiles), tile = k % (r_tiles * q_tiles);
-      const int64_t r0 = tile / q_tiles * kTile, q0 = tile % q_tiles * kTile;
-      const int64_t r1 = std::min(R, r0 + kTile), q1 = std::min(Q, q0 + kTile);
-      const T* s = src + m * R * Q;
-      T* d = dst + m * R * Q;
-      for (int64_t q = q0; q < q1; ++q) {
-#pragma omp simd
-        for (int64_t r = r0; r < r1; ++r) d[q * R + r] = s[r * Q + q];
-      }
-    }
-  });
-}
 
 bool is_dense_channels_last(const at::Tensor& t) {
   return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();

@@ -1,20 +1,25 @@
 // CPU kernels of medmtl::spatial_attention: out = x * sigmoid(conv(cat(mean_c x,
 // max_c x), weight)). One pass over x reduces the channels of every pixel
 // (mean, max and the first maximal channel); the KxK convolution of that
-// 2-channel map is ATen's; a second pass multiplies x by the gate.
-// The backward makes one pass over x and grad_output for the channel sums it
-// needs, and one pass writing grad_x. NCHW x is reduced a block of pixels at a
-// time across the channel planes; channels-last x one pixel's contiguous
-// channels at a time. The output and grad_x are laid out as x (csrc/layout.h).
+// 2-channel map and its sigmoid run directly, a row of outputs at a time; a
+// second pass multiplies x by the gate. The backward makes one pass over x
+// and grad_output for the channel sums it needs, and one pass writing grad_x.
+// NCHW x is reduced a block of pixels at a time across the channel planes;
+// channels-last x one pixel's contiguous channels at a time. The output and
+// grad_x are laid out as x (csrc/layout.h); asked for a contiguous output, a
+// channels-last x is transposed in tiles as it is gated (no separate pass).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "../layout.h"
 #include "../spatial_attention_checks.h"
+#include "transpose_tiles.h"
 
 namespace medmtl {
 namespace {
@@ -126,24 +131,76 @@ void reduce_channels(const at::Tensor& x, const at::Tensor* grad_output, at::Ten
   });
 }
 
-at::Tensor gate_of(const at::Tensor& pooled, const at::Tensor& weight) {
-  return at::sigmoid(at::conv2d(pooled, weight, {}, 1, weight.size(-1) / 2));
+// gate (B, H, W) = sigmoid(conv2d(pooled, weight, padding=K / 2)) for pooled
+// (B, 2, H, W) and weight (2, K, K), both contiguous; accumulated in acc_t.
+// Each task convolves whole output rows: for every (channel, ky) whose input
+// row is in the map, each kx adds a shifted input row into the row's
+// accumulators over the columns where it reads the map (the padding is
+// skipped, not multiplied).
+template <typename scalar_t>
+void gate_rows(const scalar_t* pooled, const scalar_t* weight, scalar_t* gate, int64_t B, int64_t H, int64_t W,
+               int64_t K) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t pad = K / 2, P = H * W;
+  at::parallel_for(0, B * H, 8, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(W);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / H, y = row % H;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t c = 0; c < 2; ++c)
+        for (int64_t ky = 0; ky < K; ++ky) {
+          const int64_t in_y = y + ky - pad;
+          if (in_y < 0 || in_y >= H) continue;
+          const scalar_t* in = pooled + (b * 2 + c) * P + in_y * W;
+          for (int64_t kx = 0; kx < K; ++kx) {
+            const acc_t w = static_cast<acc_t>(weight[(c * K + ky) * K + kx]);
+            const int64_t shift = kx - pad;  // output column x reads input column x + shift
+            const int64_t x0 = std::max<int64_t>(0, -shift), x1 = std::min(W, W - shift);
+            acc_t* a = acc.data();
+#pragma omp simd
+            for (int64_t x = x0; x < x1; ++x) a[x] += w * static_cast<acc_t>(in[x + shift]);
+          }
+        }
+      scalar_t* out = gate + b * P + y * W;
+      for (int64_t x = 0; x < W; ++x) out[x] = static_cast<scalar_t>(acc_t(1) / (acc_t(1) + std::exp(-acc[x])));
+    }
+  });
 }
 
-at::Tensor spatial_attention_cpu(const at::Tensor& x_in, const at::Tensor& weight) {
+// sigmoid(conv2d(pooled, weight, padding=K / 2)): (B, 1, H, W), contiguous.
+// Direct: ATen's convolution of this 2 -> 1 channel map (oneDNN) took
+// 0.5 ms on 2 x 112 x 112, mostly setup and reorders around 5 MFLOP.
+at::Tensor gate_of(const at::Tensor& pooled_in, const at::Tensor& weight_in) {
+  const at::Tensor pooled = pooled_in.contiguous(), weight = weight_in.contiguous();
+  const int64_t B = pooled.size(0), H = pooled.size(2), W = pooled.size(3), K = weight.size(-1);
+  at::Tensor gate = at::empty({B, 1, H, W}, pooled.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pooled.scalar_type(), "spatial_attention_gate", [&] {
+    gate_rows(pooled.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(), gate.data_ptr<scalar_t>(), B,
+              H, W, K);
+  });
+  return gate;
+}
+
+at::Tensor spatial_attention_cpu(const at::Tensor& x_in, const at::Tensor& weight, bool contiguous_output) {
   check_spatial_attention_inputs(x_in, weight);
   const at::Tensor x = x_in.contiguous(output_format(x_in));
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   at::Tensor pooled = at::empty({B, 2, H, W}, x.options());
   at::Tensor argmax = at::empty({B, H, W}, x.options().dtype(at::kLong));
   reduce_channels(x, nullptr, pooled, argmax, nullptr);
-  const at::Tensor gate = gate_of(pooled, weight).contiguous();  // (B, 1, H, W)
-  at::Tensor out = at::empty_like(x);
+  const at::Tensor gate = gate_of(pooled, weight);  // (B, 1, H, W)
+  // A channels-last x asked for a contiguous output: gated as it is transposed.
+  const bool transposed = contiguous_output && is_channels_last(x);
+  at::Tensor out = transposed ? at::empty(x.sizes(), x.options()) : at::empty_like(x);
   const int64_t P = H * W;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_gate", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_apply", [&] {
     const scalar_t* xd = x.data_ptr<scalar_t>();
     const scalar_t* gd = gate.data_ptr<scalar_t>();
     scalar_t* od = out.data_ptr<scalar_t>();
+    if (transposed) {  // per image: (P, C) -> (C, P), row p scaled by its gate
+      transpose_matrices(xd, od, B, P, C, gd);
+      return;
+    }
     if (is_channels_last(x)) {
       at::parallel_for(0, B * P, kPixelBlock, [&](int64_t begin, int64_t end) {
         for (int64_t q = begin; q < end; ++q)
@@ -158,7 +215,7 @@ at::Tensor spatial_attention_cpu(const at::Tensor& x_in, const at::Tensor& weigh
       }
     });
   });
-  return laid_out_like(out, x_in);
+  return contiguous_output ? contiguous_nchw(out) : laid_out_like(out, x_in);
 }
 
 std::tuple<at::Tensor, at::Tensor> spatial_attention_backward_cpu(const at::Tensor& grad_output_in,

@@ -40,14 +40,15 @@ void check_channels(const char* op, const at::Tensor& x) {
               ": x must have fewer than 2^31 channels for the CUDA kernels, got ", x.size(1));
 }
 
-at::Tensor spatial_attention_cuda(const at::Tensor& x_in, const at::Tensor& weight_in) {
+at::Tensor spatial_attention_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, bool contiguous_output) {
   check_spatial_attention_inputs(x_in, weight_in);
   check_cuda("spatial_attention", "x", x_in, x_in);
   check_channels("spatial_attention", x_in);
   const c10::cuda::CUDAGuard device_guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  // The kernels write NCHW: kept so when contiguous_output, else laid out as x.
   at::Tensor out = at::empty(x.sizes(), x.options());
-  if (x.size(0) == 0) return laid_out_like(out, x_in);
+  if (x.size(0) == 0) return contiguous_output ? out : laid_out_like(out, x_in);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const cuda::SpatialAttentionDims dims = dims_of(x, weight);
   const cuda::SpatialAttentionWorkspace ws = cuda::spatial_attention_workspace(dims);
@@ -60,7 +61,7 @@ at::Tensor spatial_attention_cuda(const at::Tensor& x_in, const at::Tensor& weig
         dims, device_ptr<scalar_t>(x), device_ptr<scalar_t>(weight), device_mutable_ptr<scalar_t>(out),
         scratch_ptr<acc_t>(pooled), scratch_ptr<acc_t>(gate), stream));
   });
-  return laid_out_like(out, x_in);
+  return contiguous_output ? out : laid_out_like(out, x_in);
 }
 
 std::tuple<at::Tensor, at::Tensor> spatial_attention_backward_cuda(const at::Tensor& grad_output_in,

@@ -121,10 +121,12 @@ class DilatedFeatureEnhancement(nn.Module):
             y = self._sum_folded(work, *params) if folded else self._sum_train(work)
         else:
             y = self._concat_folded(work, *params) if folded else self._concat_train(work)
+        # Converted back to NCHW at the end when x was not channels-last: by
+        # the attention as it gates, else by relayout.
+        to_nchw = work is not x
         if self.attention is not None:
-            y = spatial_attention(y, self.attention.weight)
-        # Converted here: back to NCHW (x was not channels-last).
-        return relayout(y, channels_last=False) if work is not x else y
+            return spatial_attention(y, self.attention.weight, contiguous_output=to_nchw)
+        return relayout(y, channels_last=False) if to_nchw else y
 
     # -- train mode: the dilated convolutions as one op, BatchNorm as BatchNorm does
 

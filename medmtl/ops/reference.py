@@ -80,15 +80,17 @@ def multi_dilation_conv(
     return torch.relu(y) if relu else y
 
 
-def spatial_attention(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def spatial_attention(x: torch.Tensor, weight: torch.Tensor, contiguous_output: bool = False) -> torch.Tensor:
     """x * sigmoid(conv2d(cat([mean_c(x), max_c(x)]), weight, padding=K // 2)).
 
     x (B, C, H, W); weight (1, 2, K, K), K odd; the max over channels takes the
-    first maximal channel (torch.max(dim=1)).
+    first maximal channel (torch.max(dim=1)). contiguous_output: return it
+    NCHW-contiguous.
     """
     pooled = torch.cat([x.mean(1, keepdim=True), torch.max(x, dim=1, keepdim=True).values], 1)
     gate = torch.sigmoid(F.conv2d(pooled, weight, padding=weight.shape[-1] // 2))
-    return x * gate
+    out = x * gate
+    return out.contiguous() if contiguous_output else out
 
 
 def window_attention(

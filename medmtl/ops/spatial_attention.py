@@ -20,21 +20,25 @@ OP_NAME = "spatial_attention"
 register_op(OP_NAME, ("reference", "cpu", "cuda", "triton"))
 
 
-def spatial_attention(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def spatial_attention(x: torch.Tensor, weight: torch.Tensor, contiguous_output: bool = False) -> torch.Tensor:
     """x (B, C, H, W) gated by sigmoid(conv2d(cat(mean_c x, max_c x), weight, padding=K // 2)).
 
-    weight: (1, 2, K, K), K odd (7 in CBAM and ResFormerMTL). Returns (B, C, H, W).
+    weight: (1, 2, K, K), K odd (7 in CBAM and ResFormerMTL). Returns (B, C, H, W),
+    laid out as x, or NCHW-contiguous when contiguous_output (a channels-last x
+    is then transposed as it is gated, with no separate conversion pass).
     """
-    _check_inputs(x, weight)
+    _check_inputs(x, weight, contiguous_output)
     chosen = resolve_backend(OP_NAME, x.device)
     if chosen == "reference":
-        return reference.spatial_attention(x, weight)
+        return reference.spatial_attention(x, weight, contiguous_output)
     op = torch.ops.medmtl.spatial_attention_triton if chosen == "triton" else torch.ops.medmtl.spatial_attention
-    return op(x, weight)
+    return op(x, weight, contiguous_output)
 
 
-def _check_inputs(x, weight) -> None:
+def _check_inputs(x, weight, contiguous_output) -> None:
     op = OP_NAME
+    if not isinstance(contiguous_output, bool):
+        raise TypeError(f"{op}: contiguous_output must be a bool, got {type(contiguous_output).__name__}")
     check_tensor(op, "x", x, 4)
     check_tensor(op, "weight", weight, 4)
     check_like(op, "weight", weight, x, "x")
@@ -45,8 +49,8 @@ def _check_inputs(x, weight) -> None:
         raise ValueError(f"{op}: x must have non-empty channel and spatial dimensions, got {tuple(x.shape)}")
 
 
-def _fake_forward(x, weight):
-    return torch.empty_like(x)
+def _fake_forward(x, weight, contiguous_output=False):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device) if contiguous_output else torch.empty_like(x)
 
 
 def _fake_backward(grad_output, x, weight):
@@ -54,13 +58,15 @@ def _fake_backward(grad_output, x, weight):
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    x, weight = inputs[:2]
+    ctx.save_for_backward(x, weight)
 
 
 def _make_backward(backward_op):
     def backward(ctx, grad_output):
         x, weight = ctx.saved_tensors
-        return backward_op(grad_output.contiguous(memory_format=output_memory_format(x)), x, weight)
+        grad_x, grad_weight = backward_op(grad_output.contiguous(memory_format=output_memory_format(x)), x, weight)
+        return grad_x, grad_weight, None
 
     return backward
 
@@ -74,10 +80,10 @@ if extension_loaded() and hasattr(torch.ops.medmtl, "spatial_attention"):
 
 
 @torch.library.custom_op("medmtl::spatial_attention_triton", mutates_args=())
-def _spatial_attention_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _spatial_attention_triton(x: torch.Tensor, weight: torch.Tensor, contiguous_output: bool = False) -> torch.Tensor:
     from medmtl.kernels import spatial_attention as kernels
 
-    return kernels.spatial_attention_forward(x, weight)
+    return kernels.spatial_attention_forward(x, weight, contiguous_output)
 
 
 @torch.library.custom_op("medmtl::spatial_attention_triton_backward", mutates_args=())

@@ -16,7 +16,7 @@ $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools>=77" wheel ninja
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q "pytest>=8" "hypothesis>=6" expecttest "pytest-benchmark>=4" "matplotlib>=3.7"
+	$(PIP) install -q "pytest>=8" "hypothesis>=6" expecttest "matplotlib>=3.7"
 	# Test-only oracles: the layers are checked against MONAI's and timm's Swin attention.
 	$(PIP) install -q "monai>=1.3" "timm>=1.0"
 	touch $@

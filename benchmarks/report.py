@@ -1,4 +1,4 @@
-"""Turns pytest-benchmark's JSON into report.md, results.csv and report.png.
+"""Turns the suite's raw.json (benchmarks/test_bench_ops.py) into report.md, results.csv and report.png.
 
 Speed-up is reference-eager median / provider median, for the same case in
 the same run. Bandwidth: an op's GB/s counts the bytes of its inputs (each is
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,17 +20,25 @@ COLUMNS = ["op", "case", "provider", "median_ms", "iqr_ms", "speedup_vs_referenc
            "percent_of_copy_bandwidth", "rounds", "threads"]
 
 
+def _median_iqr(seconds: list[float]) -> tuple[float, float]:
+    if len(seconds) < 2:
+        return seconds[0], 0.0
+    q1, _, q3 = statistics.quantiles(seconds, n=4)
+    return statistics.median(seconds), q3 - q1
+
+
 def load_rows(raw_json: Path) -> list[dict]:
+    """The rows of raw.json (benchmarks/test_bench_ops.py: each provider's timed
+    calls in seconds), with median, IQR, GB/s and the ratios to the reference."""
     data = json.loads(Path(raw_json).read_text())
     rows = []
-    for bench in data["benchmarks"]:
-        info, stats = bench["extra_info"], bench["stats"]
-        moved = info["bytes"] * (2 if info["provider"] == COPY else 1)
-        rows.append(dict(op=info["op"], case=info["case"], provider=info["provider"], group=info.get("group"),
-                         description=info["description"], median_ms=stats["median"] * 1e3,
-                         iqr_ms=stats["iqr"] * 1e3, peak_mb=info["peak_bytes"] / 2**20,
-                         gb_per_s=moved / stats["median"] / 1e9 if moved else float("nan"), rounds=stats["rounds"],
-                         threads=info["threads"]))
+    for result in data["results"]:
+        median, iqr = _median_iqr(result["seconds"])
+        moved = result["bytes"] * (2 if result["provider"] == COPY else 1)
+        rows.append(dict(op=result["op"], case=result["case"], provider=result["provider"], group=result.get("group"),
+                         description=result["description"], median_ms=median * 1e3, iqr_ms=iqr * 1e3,
+                         peak_mb=result["peak_bytes"] / 2**20, gb_per_s=moved / median / 1e9 if moved else float("nan"),
+                         rounds=len(result["seconds"]), threads=result["threads"]))
     by_case = defaultdict(dict)
     for row in rows:
         by_case[(row["op"], row["case"])][row["provider"]] = row
@@ -49,7 +58,8 @@ def _percent(value: float) -> str:
 def markdown(rows: list[dict]) -> str:
     lines = ["# medmtl benchmark report", "",
              f"{rows[0]['threads'] if rows else '?'} threads; all providers of a case run in one process on the "
-             "same inputs. Speed-up = reference-eager median / median. Peak = bytes allocated through torch during "
+             "same inputs, taking turns round by round (each round: one untimed call, then one timed call, of "
+             "every provider). Speed-up = reference-eager median / median. Peak = bytes allocated through torch during "
              "one call. GB/s counts the inputs' bytes (twice for the copy, which reads and writes them).", ""]
     cases = list(dict.fromkeys((r["op"], r["case"]) for r in rows))
     for op, case in cases:

@@ -279,15 +279,18 @@ def test_attention_gradcheck_opcheck_compile():
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_attention_half_precision(dtype, tol, layout):
+@pytest.mark.parametrize("contiguous_output", [False, True])
+def test_attention_half_precision(dtype, tol, layout, contiguous_output):
     """The gate accumulates in float32 and rounds once (the reference rounds the
     convolution, then the sigmoid): within a rounding of the reference's output."""
     x = _x((2, 6, 11, 9), dtype=torch.float32, layout=layout).detach()
     weight = torch.randn(1, 2, 7, 7, generator=torch.Generator().manual_seed(7)) / 7
     with medmtl.backend("cpu"):
-        got = spatial_attention(x.to(dtype), weight.to(dtype))
+        got = spatial_attention(x.to(dtype), weight.to(dtype), contiguous_output=contiguous_output)
     expected = reference.spatial_attention(x, weight)
     assert got.dtype == dtype
+    assert got.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" and not contiguous_output
+                             else torch.contiguous_format)
     torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
 
 

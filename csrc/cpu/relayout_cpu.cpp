@@ -12,10 +12,6 @@
 namespace medmtl {
 namespace {
 
-bool is_dense_channels_last(const at::Tensor& t) {
-  return t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
-}
-
 // The op: always a new tensor (an op's output may not alias its input).
 at::Tensor relayout_op(const at::Tensor& x, bool channels_last) {
   TORCH_CHECK(x.dim() == 4, "relayout: x must be 4-D (B, C, H, W), got ", x.dim(), "-D of shape ", x.sizes());
@@ -29,8 +25,8 @@ at::Tensor relayout_op(const at::Tensor& x, bool channels_last) {
 at::Tensor relayout(const at::Tensor& t, at::MemoryFormat format) {
   const bool to_channels_last = format == at::MemoryFormat::ChannelsLast;
   if (t.dim() != 4 || (format != at::MemoryFormat::Contiguous && !to_channels_last)) return t.contiguous(format);
-  if (to_channels_last ? is_dense_channels_last(t) || t.is_contiguous(format) : t.is_contiguous()) return t;
-  const bool transposable = to_channels_last ? t.is_contiguous() : is_dense_channels_last(t);
+  if (to_channels_last ? is_channels_last(t) || t.is_contiguous(format) : t.is_contiguous()) return t;
+  const bool transposable = to_channels_last ? t.is_contiguous() : is_channels_last(t);
   if (!transposable || !t.device().is_cpu() || !at::isFloatingType(t.scalar_type()) || t.numel() == 0)
     return t.contiguous(format);
   at::Tensor out = at::empty(t.sizes(), t.options().memory_format(format));

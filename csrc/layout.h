@@ -5,7 +5,6 @@
 
 #include <ATen/ATen.h>
 
-
 namespace medmtl {
 
 // x is dense channels-last (and not also plain contiguous, as with C == 1).

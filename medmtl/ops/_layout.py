@@ -41,7 +41,7 @@ def relayout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return t.contiguous(memory_format=memory_format)
 
 
-def contiguous_by_rows(t: torch.Tensor) -> torch.Tensor:
+def contiguous_nchw(t: torch.Tensor) -> torch.Tensor:
     """t as an NCHW-contiguous tensor (relayout for 4-D t)."""
     return relayout(t, False) if t.dim() == 4 else t.contiguous()
 
@@ -74,6 +74,6 @@ def laid_out_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if t.stride() == torch.empty_like(like, device="meta").stride():
         return t
     if like.is_contiguous():
-        return contiguous_by_rows(t)
+        return contiguous_nchw(t)
     return torch.empty_like(like).copy_(t)
 

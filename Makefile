@@ -18,7 +18,8 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q "pytest>=8" "hypothesis>=6" expecttest "matplotlib>=3.7"
 	# Test-only oracles: the layers are checked against MONAI's and timm's Swin attention.
-	$(PIP) install -q "monai>=1.3" "timm>=1.0"
+	# (einops: MONAI's SwinUNETR needs it; medmtl.accelerate is tested against it.)
+	$(PIP) install -q "monai>=1.3" "timm>=1.0" einops
 	touch $@
 
 venv: $(VENV)/.deps

@@ -5,16 +5,20 @@
     y = medmtl.ops.multiscale_pool([x3, x4], output_sizes=(1, 2, 3, 6))
     head = medmtl.layers.MultiScalePool([256, 512])
     print(medmtl.info())
+    model = medmtl.accelerate(model)     # MONAI / timm / torchvision Swin and ASPP on the fused layers
 """
 
 from medmtl import layers, ops
 from medmtl.info import info
+from medmtl.integrations import accelerate, accelerated_modules
 from medmtl.ops.backends import BackendUnavailableError, backend, get_backend, set_backend
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "accelerate",
+    "accelerated_modules",
     "backend",
     "get_backend",
     "info",

@@ -5,7 +5,8 @@ Weight-compatible with timm's and MONAI's WindowAttention: the state_dict
 holds qkv.weight, qkv.bias, proj.weight, proj.bias and
 relative_position_bias_table (prod(2 * window - 1), heads). MONAI's
 checkpoints also carry the derived `relative_position_index` buffer; it is
-accepted on load and dropped.
+accepted on load and dropped (with bias_reading="monai" it is kept, as MONAI
+keeps it).
 """
 
 from __future__ import annotations
@@ -30,6 +31,21 @@ def _per_dim(name: str, value: int | Sequence[int], spatial_dims: int) -> tuple[
                      f"got {value!r}")
 
 
+BIAS_READINGS = ("offsets", "monai")
+
+
+def relative_position_index(window: Sequence[int]) -> torch.Tensor:
+    """(N, N) long, N = prod(window): the table row of each (query, key) pair of
+    a window, sum_i (r_i + window_i - 1) * prod_{j > i} (2 window_j - 1) of
+    their relative offset r (Swin's, timm's and MONAI's index)."""
+    coords = torch.stack(torch.meshgrid(*[torch.arange(w) for w in window], indexing="ij")).flatten(1)
+    rel = coords[:, :, None] - coords[:, None, :]
+    index = torch.zeros(rel.shape[1:], dtype=torch.long)
+    for i, w in enumerate(window):
+        index += (rel[i] + w - 1) * math.prod(2 * v - 1 for v in window[i + 1:])
+    return index
+
+
 class WindowAttention(nn.Module):
     """Window attention of x (B, H, W, C) or (B, D, H, W, C) -> the same shape.
 
@@ -52,6 +68,15 @@ class WindowAttention(nn.Module):
             attn_drop > 0 the plain PyTorch composition runs (the fused kernels
             have no dropout).
         proj_drop: dropout after the output projection.
+        bias_reading: "offsets" (default) reads the bias at the true relative
+            offsets everywhere. "monai" reproduces MONAI's WindowAttention on
+            maps smaller than the window in some dim: there the window shrinks
+            to n tokens and MONAI reads the bias of pair (i, j) from
+            relative_position_index[i, j] of the configured window's index
+            (its first n x n entries, not the offsets of the shrunk window);
+            those calls run the plain PyTorch composition with that index.
+            The layer then holds MONAI's persistent `relative_position_index`
+            buffer, so its state_dict is MONAI's WindowAttention's.
     """
 
     def __init__(
@@ -64,6 +89,7 @@ class WindowAttention(nn.Module):
         spatial_dims: int = 2,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        bias_reading: str = "offsets",
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -84,6 +110,8 @@ class WindowAttention(nn.Module):
         for name, p in (("attn_drop", attn_drop), ("proj_drop", proj_drop)):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"WindowAttention: {name} must be in [0, 1), got {p!r}")
+        if bias_reading not in BIAS_READINGS:
+            raise ValueError(f"WindowAttention: bias_reading must be one of {BIAS_READINGS}, got {bias_reading!r}")
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -98,10 +126,14 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.bias_reading = bias_reading
+        if bias_reading == "monai":
+            self.register_buffer("relative_position_index", relative_position_index(window))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, "
-                f"shift_size={self.shift_size}, spatial_dims={self.spatial_dims}")
+                f"shift_size={self.shift_size}, spatial_dims={self.spatial_dims}"
+                + (f", bias_reading={self.bias_reading!r}" if self.bias_reading != "offsets" else ""))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != self.spatial_dims + 2 or x.shape[-1] != self.dim:
@@ -116,7 +148,14 @@ class WindowAttention(nn.Module):
             # Swin pads x with zeros before this projection: padded keys and values are the bias.
             _, pad_key, pad_value = self.qkv.bias.to(q.dtype).view(3, heads, head_dim).unbind(0)
         table = self.relative_position_bias_table.to(q.dtype)
-        if self.training and self.attn_drop.p > 0:
+        spatial = x.shape[1:-1]
+        if self.bias_reading == "monai" and any(s < w for s, w in zip(spatial, self.window_size)):
+            # MONAI's reading of a shrunk window's bias: the first n x n entries of its index.
+            n = math.prod(min(s, w) for s, w in zip(spatial, self.window_size))
+            out = reference.window_attention(q, k, v, self.window_size, self.shift_size, table, self.scale,
+                                              pad_key, pad_value, attn_dropout=self.attn_drop.p if self.training
+                                              else 0.0, bias_index=self.relative_position_index[:n, :n])
+        elif self.training and self.attn_drop.p > 0:
             out = reference.window_attention(q, k, v, self.window_size, self.shift_size, table, self.scale,
                                               pad_key, pad_value, attn_dropout=self.attn_drop.p)
         else:
@@ -126,5 +165,6 @@ class WindowAttention(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # MONAI saves the (derived) relative position index as a buffer.
-        state_dict.pop(prefix + "relative_position_index", None)
+        if self.bias_reading == "offsets":
+            state_dict.pop(prefix + "relative_position_index", None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -105,6 +105,7 @@ def window_attention(
     pad_value: torch.Tensor | None = None,
     attn_dropout: float = 0.0,
     sdpa: bool = False,
+    bias_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Shifted-window multi-head attention over a token map, as Swin computes it.
 
@@ -124,6 +125,10 @@ def window_attention(
     sdpa=True computes each window's attention with
     F.scaled_dot_product_attention, bias + mask passed as attn_mask (the same
     composition on PyTorch's fused attention; a benchmark provider).
+    bias_index (N, N) long, N the tokens of the effective window: the table
+    row of each (query, key) pair instead of the true relative offsets
+    (MONAI's reading on maps smaller than the window, index[:N, :N] of the
+    configured window's index).
     """
     spatial = tuple(q.shape[1:-2])
     nd = len(spatial)
@@ -182,6 +187,11 @@ def window_attention(
     for i in range(nd):
         stride = math.prod(2 * w - 1 for w in window_size[i + 1:])
         index += (rel[i] + window_size[i] - 1) * stride
+    if bias_index is not None:
+        if tuple(bias_index.shape) != tuple(index.shape):
+            raise ValueError(f"window_attention: bias_index must have shape {tuple(index.shape)} (N, N) for the "
+                             f"effective window {tuple(win)}, got {tuple(bias_index.shape)}")
+        index = bias_index
     bias = rel_pos_bias_table[index.to(q.device)].permute(2, 0, 1)  # (heads, N, N)
 
     additive = bias.expand(qw.shape[0], -1, -1, -1)

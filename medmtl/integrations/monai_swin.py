@@ -44,8 +44,9 @@ def converted(module: nn.Module) -> bool:
 def check(block: nn.Module, path: str, modules: dict[str, nn.Module]) -> str | None:
     if type(block) is not monai_swin.SwinTransformerBlock:
         return f"a subclass of MONAI's SwinTransformerBlock ({type(block).__qualname__}): its forward may differ"
-    parent = modules.get(path.rpartition(".")[0]) if "." in path else None
-    layer = modules.get(path.rsplit(".", 2)[0]) if path.count(".") >= 2 else None
+    parent_path = path.rpartition(".")[0] if path else None
+    parent = modules.get(parent_path) if parent_path is not None and "." in path else None
+    layer = modules.get(parent_path.rpartition(".")[0]) if parent is not None else None
     if not isinstance(parent, nn.ModuleList) or type(layer) is not monai_swin.BasicLayer \
             or getattr(layer, "blocks", None) is not parent:
         return ("not a block of a MONAI BasicLayer: the attention mask is its caller's, and only BasicLayer's "

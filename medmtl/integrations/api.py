@@ -159,8 +159,11 @@ def _probe(converter, module: nn.Module) -> str | None:
         original = copy.deepcopy(module).double().eval()
         fused = copy.deepcopy(module).double().eval()
         converter.convert(fused)
+        tensors = list(module.parameters()) + list(module.buffers())
+        device = tensors[0].device if tensors else torch.device("cpu")
         with torch.no_grad(), backend("reference"):
             for args in converter.probe_inputs(original):
+                args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
                 want, got = original(*args), fused(*args)
                 scale = max(1.0, float(want.abs().max()))
                 if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-7, atol=1e-7 * scale):

@@ -29,6 +29,7 @@ import torch
 from medmtl._extension import extension_loaded
 from tests.cuda_emulation_buffers import (assert_unchanged, assert_written, guarded_input, guarded_output,
                                           ptr_or_none, scratch)
+from tests.ties import kink_between, spaced_normal
 from tests.cuda_emulation_build import ACC_DTYPE, CSRC, DTYPE_CODE, EmulatedLibrary, build_emulations
 
 KERNEL = "multiscale_pool_kernel"
@@ -245,7 +246,8 @@ def make_inputs(case: Case, seed: int):
         if case.values == "ties":
             x = torch.randint(-2, 3, shape, generator=g).to(case.dtype)
         else:
-            x = torch.randn(shape, generator=g, dtype=torch.float64)
+            # distinct, evenly spaced values: no max compares two within rounding (tests/ties.py)
+            x = spaced_normal(shape, g, torch.float64)
             if case.values == "nan":
                 flat = x.view(-1)
                 n = flat.numel()
@@ -264,6 +266,12 @@ def make_inputs(case: Case, seed: int):
 
     scale = param(-3, 4) if "scale" in case.affine else None  # both signs, and 0
     shift = param(-1, 2) if "shift" in case.affine else None
+    if shift is not None and case.values != "ties":
+        # each channel's ReLU kink halfway between two of its (finite) values
+        ones = torch.ones(channels, dtype=case.dtype)
+        per_level = (scale if scale is not None else ones).split([s[1] for s in case.shapes])
+        shift = torch.cat([kink_between(x.double().nan_to_num(0.0, 0.0, 0.0), sc.double(), g)
+                           for x, sc in zip(features, per_level)]).to(case.dtype)
     batch = case.shapes[0][0]
     columns = layout_of(features, case.sizes).total_columns
     grad_output = torch.randn(batch, columns, generator=g, dtype=torch.float64).to(case.dtype)

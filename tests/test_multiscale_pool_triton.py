@@ -23,6 +23,7 @@ import medmtl.ops  # noqa: E402
 from medmtl.kernels import multiscale_pool as kernels  # noqa: E402
 from medmtl.ops import reference  # noqa: E402
 from tests import triton_aot  # noqa: E402
+from tests.ties import kink_between, spaced_normal  # noqa: E402
 
 if not isinstance(kernels.multiscale_pool_forward_kernel, InterpretedFunction):
     pytest.skip("these tests run the Triton kernels on CPU tensors in Triton's interpreter, and "
@@ -38,13 +39,20 @@ TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-
 
 
 def _inputs(shapes, dtype, seed, with_scale=True, with_shift=True):
-    """Features, flat scale and shift (or None) of the given shapes, seeded."""
+    """Features, flat scale and shift (or None) of the given shapes, seeded.
+
+    Distinct, evenly spaced feature values, and shifts that put each channel's
+    ReLU kink halfway between two of them (tests/ties.py): no max or ReLU
+    compares values within rounding of each other.
+    """
     g = torch.Generator().manual_seed(seed)
-    features = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+    features = [spaced_normal(s, g, torch.float64) for s in shapes]
     channels = sum(s[1] for s in shapes)
-    scale = torch.randn(channels, generator=g, dtype=torch.float64).to(dtype) if with_scale else None
-    shift = (0.5 * torch.randn(channels, generator=g, dtype=torch.float64)).to(dtype) if with_shift else None
-    return features, scale, shift
+    scale = torch.randn(channels, generator=g, dtype=torch.float64) if with_scale else torch.ones(channels,
+                                                                                                   dtype=torch.float64)
+    shift = torch.cat([kink_between(x, s, g) for x, s in zip(features, scale.split([s[1] for s in shapes]))])
+    return ([x.to(dtype) for x in features], scale.to(dtype) if with_scale else None,
+            shift.to(dtype) if with_shift else None)
 
 
 def _columns(features, sizes):

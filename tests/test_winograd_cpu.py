@@ -82,14 +82,13 @@ def test_winograd_mixed_with_direct_branches_float32(combine, layout, dilations)
     writes each into its slice of the output channels."""
     x = _x((1, 6, 112, 112), dtype=torch.float32, layout=layout)
     weight, bias = _params(len(dilations), 5, 6, combine, torch.float32)
-    # Gradients without the ReLU: its mask flips where float32 rounding
-    # changes a near-zero output's sign (the float64 tests cover it).
-    _compare_conv(x, weight, dilations, bias, combine, None, atol=1e-5, rtol=1e-4)
-    with medmtl.backend("cpu"):
-        got = multi_dilation_conv(x, weight, dilations, bias, combine, "relu")
-    with medmtl.backend("reference"):
-        expected = multi_dilation_conv(x, weight, dilations, bias, combine, "relu")
-    torch.testing.assert_close(got, expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-4)
+    # With and without the ReLU; its gradient is compared away from the
+    # outputs whose float64 pre-activation is within the tolerance of zero
+    # (there float32 rounding may flip the mask: tests/ties.py). Winograd's
+    # float32 weight gradients are off by up to about 1.5e-5 of their scale
+    # (12544-pixel sums through the transforms): 3e-5 leaves a 2x margin.
+    for activation in (None, "relu"):
+        _compare_conv(x, weight, dilations, bias, combine, activation, atol=3e-5, rtol=1e-4)
     assert _direct_convolutions(_forward_backward(x, weight, dilations, bias, combine, "relu")) > 0
 
 

@@ -6,11 +6,14 @@
     head = medmtl.layers.MultiScalePool([256, 512])
     print(medmtl.info())
     model = medmtl.accelerate(model)     # MONAI / timm / torchvision Swin and ASPP on the fused layers
+    net = medmtl.models.create_model("resformer_mtl")   # {"seg", "cls"} from one forward
+    fast = medmtl.optimize(net)          # BatchNorms folded, channels-last, for CPU inference
 """
 
-from medmtl import layers, ops
+from medmtl import layers, models, ops
 from medmtl.info import info
 from medmtl.integrations import accelerate, accelerated_modules
+from medmtl.models import optimize
 from medmtl.ops.backends import BackendUnavailableError, backend, get_backend, set_backend
 
 __version__ = "0.1.0"
@@ -23,6 +26,8 @@ __all__ = [
     "get_backend",
     "info",
     "layers",
+    "models",
     "ops",
+    "optimize",
     "set_backend",
 ]

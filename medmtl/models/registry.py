@@ -1,0 +1,29 @@
+"""The model registry, timm-style: @register_model, create_model(name, **kwargs), list_models()."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Registers a model constructor under its function name."""
+    if fn.__name__ in _MODELS:
+        raise ValueError(f"register_model: a model named {fn.__name__!r} is already registered")
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    """The registered model names, sorted."""
+    return sorted(_MODELS)
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Builds the registered model `name` with the constructor's keyword arguments."""
+    if not isinstance(name, str) or name not in _MODELS:
+        raise ValueError(f"create_model: name must be one of {list_models()}, got {name!r}")
+    return _MODELS[name](**kwargs)

@@ -64,10 +64,24 @@ from medmtl.ops._layout import laid_out_like, output_memory_format
 # Pixel tile of every convolution kernel: TILE_H x TILE_W pixels, the M (or K) dimension of tl.dot.
 TILE_H = 8
 TILE_W = 8
-# Channel blocks (tl.dot needs dimensions >= 16). One size only: the op serves the deep
-# levels (hundreds of channels); fewer channels are masked.
-BLOCK_CI = 32
-BLOCK_CO = 64
+# Channel blocks (tl.dot needs dimensions >= 16; the op serves the deep levels, hundreds of
+# channels, fewer are masked), num_warps and num_stages per kernel, dtype and tl.dot
+# precision: (BLOCK_CI, BLOCK_CO, num_warps, num_stages). The largest blocks that compile
+# without register spills on sm_80 and sm_90, the forward within 128 registers per
+# thread (the ahead-of-time tests check both; docs/gpu_expectations.md). Float32 with
+# IEEE products and float64 run tl.dot as FMAs whose operands sit in registers, so
+# they take half the channels, or twice the warps, of the 16-bit types.
+_F16, _BF16, _F32, _F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+_CONFIGS = {
+    "forward": {(_F16, "ieee"): (32, 64, 4, 3), (_BF16, "ieee"): (32, 64, 4, 3),
+                (_F32, "tf32"): (16, 32, 8, 2), (_F32, "ieee"): (16, 16, 4, 2), (_F64, "ieee"): (16, 32, 8, 2)},
+    "backward_input": {(_F16, "ieee"): (32, 64, 4, 3), (_BF16, "ieee"): (32, 64, 4, 3),
+                       (_F32, "tf32"): (32, 32, 8, 3), (_F32, "ieee"): (16, 32, 4, 2),
+                       (_F64, "ieee"): (32, 32, 8, 3)},
+    "backward_weight": {(_F16, "ieee"): (32, 64, 4, 3), (_BF16, "ieee"): (32, 64, 4, 3),
+                        (_F32, "tf32"): (32, 32, 8, 3), (_F32, "ieee"): (32, 32, 8, 3),
+                        (_F64, "ieee"): (16, 32, 4, 2)},
+}
 PREP_BLOCK = 1024
 # The weight gradient splits its (batch, tile) reduction so that about this many
 # programs run per streaming multiprocessor (or in all, on the CPU interpreter).
@@ -318,6 +332,14 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
 
 
+def _blocks(kernel: str, dtype: torch.dtype, precision: str) -> dict:
+    """Launch keywords of `kernel` ("forward", "backward_input", "backward_weight") for
+    dtype and tl.dot precision: the tile constexprs, num_warps and num_stages."""
+    block_ci, block_co, num_warps, num_stages = _CONFIGS[kernel][(dtype, precision)]
+    return dict(TILE_H=TILE_H, TILE_W=TILE_W, BLOCK_CI=block_ci, BLOCK_CO=block_co, num_warps=num_warps,
+                num_stages=num_stages)
+
+
 def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -370,16 +392,17 @@ def multi_dilation_conv_forward(
     w = _tap_major(weight.to(x.dtype))
     dil = _dilations(dilations, x.device)
     bias_arg = bias.contiguous() if bias is not None else out   # dummy, never read
+    precision = _input_precision(x.dtype)
+    blocks = _blocks("forward", x.dtype, precision)
     tiles_w = triton.cdiv(W, TILE_W)
     tiles_hw = triton.cdiv(H, TILE_H) * tiles_w
-    co_blocks = triton.cdiv(Cout, BLOCK_CO)
+    co_blocks = triton.cdiv(Cout, blocks["BLOCK_CO"])
     with _device_guard(x.device):
         multi_dilation_conv_forward_kernel[(groups * B * tiles_hw * co_blocks,)](
             x, w, dil, bias_arg, out,
             B, Cin, Cout, H, W, C_total, 1 if concat else n,
             tiles_w, tiles_hw, co_blocks, int(bias is not None), int(relu),
-            ACC_DTYPE=_tl_acc_dtype(x.dtype), INPUT_PRECISION=_input_precision(x.dtype),
-            TILE_H=TILE_H, TILE_W=TILE_W, BLOCK_CI=BLOCK_CI, BLOCK_CO=BLOCK_CO,
+            ACC_DTYPE=_tl_acc_dtype(x.dtype), INPUT_PRECISION=precision, **blocks,
         )
     return out.contiguous(memory_format=out_format)   # the kernel writes NCHW
 
@@ -418,8 +441,8 @@ def multi_dilation_conv_backward(
     acc_tl, precision = _tl_acc_dtype(dtype), _input_precision(dtype)
     tiles_w = triton.cdiv(W, TILE_W)
     tiles_hw = triton.cdiv(H, TILE_H) * tiles_w
-    ci_blocks, co_blocks = triton.cdiv(Cin, BLOCK_CI), triton.cdiv(Cout, BLOCK_CO)
-    blocks = dict(TILE_H=TILE_H, TILE_W=TILE_W, BLOCK_CI=BLOCK_CI, BLOCK_CO=BLOCK_CO)
+    input_blocks = _blocks("backward_input", dtype, precision)
+    weight_blocks = _blocks("backward_weight", dtype, precision)
     branch_stride = Cout if concat else 0
     with _device_guard(device):
         grad_pre = torch.empty_like(grad_output)
@@ -430,19 +453,22 @@ def multi_dilation_conv_backward(
         )
 
         grad_x = torch.empty_like(x)
+        ci_blocks = triton.cdiv(Cin, input_blocks["BLOCK_CI"])
         multi_dilation_conv_backward_input_kernel[(B * tiles_hw * ci_blocks,)](
             grad_pre, w, dil, grad_x,
             B, Cin, Cout, H, W, C_total, n, branch_stride, tiles_w, tiles_hw, ci_blocks,
-            ACC_DTYPE=acc_tl, INPUT_PRECISION=precision, **blocks,
+            ACC_DTYPE=acc_tl, INPUT_PRECISION=precision, **input_blocks,
         )
 
+        ci_blocks = triton.cdiv(Cin, weight_blocks["BLOCK_CI"])
+        co_blocks = triton.cdiv(Cout, weight_blocks["BLOCK_CO"])
         base = n * 9 * ci_blocks * co_blocks
         splits = _weight_splits(base, B * tiles_hw, device)
         part_w = torch.empty((splits, n, 3, 3, Cin, Cout), dtype=acc_dtype, device=device)
         multi_dilation_conv_backward_weight_kernel[(base * splits,)](
             x, grad_pre, dil, part_w,
             B, Cin, Cout, H, W, C_total, n, branch_stride, ci_blocks, co_blocks, splits,
-            ACC_DTYPE=acc_tl, INPUT_PRECISION=precision, **blocks,
+            ACC_DTYPE=acc_tl, INPUT_PRECISION=precision, **weight_blocks,
         )
     # deterministic reductions of the per-program partials
     grad_weight = part_w.sum(0).permute(0, 4, 3, 1, 2).to(dtype).contiguous()
@@ -457,6 +483,9 @@ def multi_dilation_conv_backward(
 # takes TF32 or IEEE products depending on torch.backends.cudnn.allow_tf32.
 _AOT_DTYPES = (("fp16", tl.float32, "ieee"), ("bf16", tl.float32, "ieee"), ("fp32", tl.float32, "tf32"),
                ("fp32", tl.float32, "ieee"), ("fp64", tl.float64, "ieee"))
+
+
+_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 
 
 def _acc_str(acc) -> str:
@@ -493,8 +522,7 @@ def aot_kernels() -> list[tuple[str, object, dict[str, str], dict[str, object]]]
             **{name: "constexpr" for name in ("ACC_DTYPE", "INPUT_PRECISION", "TILE_H", "TILE_W",
                                               "BLOCK_CI", "BLOCK_CO")},
         }
-        constexprs = {"ACC_DTYPE": acc, "INPUT_PRECISION": precision, "TILE_H": TILE_H, "TILE_W": TILE_W,
-                      "BLOCK_CI": BLOCK_CI, "BLOCK_CO": BLOCK_CO}
+        constexprs = {"ACC_DTYPE": acc, "INPUT_PRECISION": precision, **_blocks(kind, _TORCH_DTYPES[dt], precision)}
         name = f"multi_dilation_conv_{kind}_{dt}_{precision}"
         entries.append((name, fn, signature, constexprs))
     for dt in ("fp16", "bf16", "fp32", "fp64"):

@@ -6,8 +6,10 @@ The compiler runs in subprocesses, one per target, without TRITON_INTERPRET
 cache. `start` launches them (a test module can start them early, so they run
 while its interpreter tests do); `check` waits and asserts that every entry of
 the module's aot_kernels() compiled to a cubin within the target's shared
-memory, that aot_kernels() covers every public kernel, and that every kernel
-also compiles with its int arguments specialised to 1, as the JIT does.
+memory, with no register spills (ptxas -v of Triton's own ptxas, parsed by
+medmtl.kernel_resources) and the hot kernels within their register budget,
+that aot_kernels() covers every public kernel, and that every kernel also
+compiles with its int arguments specialised to 1, as the JIT does.
 """
 
 from __future__ import annotations
@@ -18,25 +20,31 @@ import subprocess
 import sys
 from pathlib import Path
 
+from medmtl.kernel_resources import blocks_per_sm
+
 # Shared memory per block (opt-in maximum) of each target.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# Registers per thread of the hot kernels (docs/gpu_expectations.md): at most 128,
+# so that four 4-warp blocks (or two 8-warp ones) fit an SM. Where a kernel needs
+# more, its module's REGISTER_BUDGET_EXCEPTIONS names the configurations, and they
+# must still leave MIN_BLOCKS_PER_SM blocks resident (the arithmetic is in the doc).
+HOT_KERNELS = ("window_attention_forward_kernel", "window_attention_backward_dq_kernel",
+               "window_attention_backward_dkv_kernel", "multi_dilation_conv_forward_kernel")
+REGISTER_BUDGET = 128
+MIN_BLOCKS_PER_SM = 2
 
 _SCRIPT = """
 import importlib, json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
+from medmtl.kernel_resources import compile_triton
 
 module = importlib.import_module(sys.argv[1])
 cc = int(sys.argv[2])
 kernels = sorted(n for n, v in vars(module).items() if isinstance(v, JITFunction) and not n.startswith("_"))
 results = []
 for name, fn, signature, constexprs in module.aot_kernels():
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", cc, 32))
-    results.append(dict(name=name, kernel=fn.__name__, shared=compiled.metadata.shared,
-                        cubin=len(compiled.asm.get("cubin", b""))))
+    compiled, resources = compile_triton(fn, signature, constexprs, cc)
+    results.append(dict(name=name, kernel=fn.__name__, cubin=len(compiled.asm.get("cubin", b"")), **resources))
 # At launch, the JIT turns int arguments equal to 1 into constexprs (D = 1 on 2-D
 # levels, B = 1, relu = 1, ...): compile each kernel once with all of them so.
 specialised = []
@@ -44,10 +52,10 @@ for name, fn, signature, constexprs in module.aot_kernels():
     if fn.__name__ in specialised or "_fp32" not in name:
         continue
     ones = [arg for arg, ty in signature.items() if ty == "i32"]
-    compiled = triton.compile(ASTSource(fn=fn, signature={**signature, **{a: "constexpr" for a in ones}},
-                                        constexprs={**constexprs, **{a: 1 for a in ones}}),
-                              target=GPUTarget("cuda", cc, 32))
+    compiled, resources = compile_triton(fn, {**signature, **{a: "constexpr" for a in ones}},
+                                         {**constexprs, **{a: 1 for a in ones}}, cc)
     assert compiled.asm["cubin"], name
+    results.append(dict(name=name + "_ones", kernel=fn.__name__, cubin=len(compiled.asm["cubin"]), **resources))
     specialised.append(fn.__name__)
 print(json.dumps(dict(kernels=kernels, results=results, specialised=specialised)))
 """
@@ -72,12 +80,31 @@ def check(procs: dict[int, subprocess.Popen], module) -> None:
         stdout, stderr = proc.communicate(timeout=900)
         assert proc.returncode == 0, f"AOT compile for sm_{cc} failed:\n{stderr[-4000:]}"
         report = json.loads(stdout.strip().splitlines()[-1])
-        assert [r["name"] for r in report["results"]] == names
-        assert {r["kernel"] for r in report["results"]} == set(report["kernels"]), "a kernel is not AOT-compiled"
+        results = report["results"]
+        assert [r["name"] for r in results if not r["name"].endswith("_ones")] == names
+        assert {r["kernel"] for r in results} == set(report["kernels"]), "a kernel is not AOT-compiled"
         assert sorted(report["specialised"]) == report["kernels"]
-        for r in report["results"]:
+        exceptions = getattr(module, "REGISTER_BUDGET_EXCEPTIONS", {})
+        for r in results:
             assert r["cubin"] > 0, f"{r['name']}: no cubin for sm_{cc}"
             assert r["shared"] <= SHARED_LIMIT[cc], f"{r['name']}: {r['shared']} B shared memory on sm_{cc}"
+            check_resources(r, cc, exceptions)
+
+
+def check_resources(r: dict, cc: int, exceptions: dict) -> None:
+    """One compiled configuration: no spills (nor any stack frame: local memory), and a hot
+    kernel within REGISTER_BUDGET, or listed in its module's REGISTER_BUDGET_EXCEPTIONS
+    and still MIN_BLOCKS_PER_SM blocks per SM."""
+    where = f"{r['name']} on sm_{cc} ({r['registers']} registers, {r['num_warps']} warps)"
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0, \
+        f"{where} spills: {r['spill_stores']} B stored, {r['spill_loads']} B loaded per thread"
+    assert r["stack"] == 0, f"{where} has a {r['stack']} B stack frame (local memory)"
+    if r["kernel"] not in HOT_KERNELS or r["registers"] <= REGISTER_BUDGET:
+        return
+    base = r["name"].removesuffix("_ones")
+    assert base in exceptions, f"{where}: over the hot-kernel budget of {REGISTER_BUDGET} registers"
+    blocks = blocks_per_sm(r["registers"], r["num_warps"], r["shared"], cc)
+    assert blocks >= MIN_BLOCKS_PER_SM, f"{where}: {blocks} block(s) per SM, fewer than {MIN_BLOCKS_PER_SM}"
 
 
 def stop(procs: dict[int, subprocess.Popen]) -> None:

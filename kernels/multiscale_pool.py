@@ -52,6 +52,11 @@ import triton.language as tl
 FORWARD_TILE = 1024
 FORWARD_BLOCK_KS = (4, 16, 64, 256, 1024)
 GATHER_BLOCK = 256
+# Warps of the gather: one element per thread (8 warps), where two per thread (4 warps)
+# made ptxas spill 12 B per thread around the int64 index divisions' subroutine calls
+# on sm_90; float64 spills at 8 warps and not at 4 (the ahead-of-time tests check it).
+GATHER_WARPS = {torch.float64: 4}
+GATHER_WARPS_DEFAULT = 8
 FINISH_BLOCK = 1024
 
 # Index given to masked-off lanes of the max reduction: larger than any position.
@@ -417,6 +422,7 @@ def multiscale_pool_backward(
                     grad_output.shape[1], out_col,
                     _max_bins_containing(D, s_d), _max_bins_containing(H, size), _max_bins_containing(W, size),
                     IS_MAX=is_max, BLOCK=GATHER_BLOCK,
+                    num_warps=GATHER_WARPS.get(dtype, GATHER_WARPS_DEFAULT),
                 )
                 out_col += C * num_bins
             grad_x = torch.empty_like(x)
@@ -440,6 +446,7 @@ def multiscale_pool_backward(
 # Ahead-of-time compilation list (tests compile each for sm_80 and sm_90)
 
 _AOT_DTYPES = {"fp16": tl.float32, "bf16": tl.float32, "fp32": tl.float32, "fp64": tl.float64}
+_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 
 
 def aot_kernels() -> list[tuple[str, object, dict[str, str], dict[str, object]]]:
@@ -471,7 +478,8 @@ def aot_kernels() -> list[tuple[str, object, dict[str, str], dict[str, object]]]
                                         "out_stride", "out_col", "KD", "KH", "KW")},
             "IS_MAX": "constexpr", "BLOCK": "constexpr",
         }
-        constexprs = {"IS_MAX": is_max, "BLOCK": GATHER_BLOCK}
+        constexprs = {"IS_MAX": is_max, "BLOCK": GATHER_BLOCK,
+                      "num_warps": GATHER_WARPS.get(_TORCH_DTYPES[dt], GATHER_WARPS_DEFAULT)}
         name = f"multiscale_pool_backward_gather_{dt}_{'max' if is_max else 'avg'}"
         entries.append((name, multiscale_pool_backward_gather_kernel, signature, constexprs))
     for dt, acc in _AOT_DTYPES.items():

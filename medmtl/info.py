@@ -42,3 +42,45 @@ def info() -> str:
         auto = resolve_backend(op, cpu) if get_backend() == "auto" else get_backend()
         lines.append(f"{op:{width}} {'auto (CPU)':10} -> {auto}")
     return "\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    """Aligned text columns: the first left-aligned, the others right-aligned."""
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+
+    def line(cells) -> str:
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return [line(header)] + [line(r) for r in rows]
+
+
+def kernels_info(ccs: tuple[int, ...] = (80, 90)) -> str:
+    """Registers, shared memory and spills of every GPU kernel, per arch: each Triton
+    configuration of aot_kernels() compiled ahead of time (ptxas -v), and the CUDA
+    kernels of the built extension (cuobjdump -res-usage). No GPU is needed."""
+    from medmtl import kernel_resources as kr
+
+    lines = []
+    if triton_error() is not None:
+        lines.append(f"Triton kernels: not listed ({triton_error()})")
+    else:
+        rows = kr.triton_resources(ccs=ccs)
+        lines.append("Triton kernels (registers per thread, stack = local memory bytes per thread, "
+                     "shared bytes per block, blocks = resident blocks per SM):")
+        lines += _table(["configuration", "sm", "warps", "stages", "registers", "spill st/ld", "stack", "shared",
+                         "blocks"],
+                        [[r["name"], r["cc"], r["num_warps"], r["num_stages"], r["registers"],
+                          f"{r['spill_stores']}/{r['spill_loads']}", r["stack"], r["shared"],
+                          kr.blocks_per_sm(r["registers"], r["num_warps"], r["shared"], r["cc"])]
+                         for r in sorted(rows, key=lambda r: (r["module"], r["name"], r["cc"]))])
+    lines.append("")
+    if not extension_has_cuda():
+        lines.append("CUDA kernels: not built")
+    else:
+        rows = [r for r in kr.cuda_resources() if r["cc"] in ccs]
+        lines.append("CUDA kernels (cuobjdump -res-usage of the built extension; stack > 0 is local memory: "
+                     "spills or local arrays):")
+        lines += _table(["kernel", "sm", "registers", "stack", "shared"],
+                        [[r["kernel"], r["cc"], r["registers"], r["stack"], r["shared"]]
+                         for r in sorted(rows, key=lambda r: (r["kernel"], r["cc"]))])
+    return "\n".join(lines)

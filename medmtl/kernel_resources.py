@@ -191,7 +191,8 @@ def demangle(names: list[str]) -> list[str]:
     out = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True, check=True).stdout
     short = []
     for name in out.splitlines():
-        name = re.sub(r"^void |medmtl::cuda::|\(anonymous namespace\)::|\w+_detail::", "", name)
+        name = re.sub(r"^void |medmtl::cuda::|\(anonymous namespace\)::", "", name)
+        name = re.sub(r"(\w+)_detail::", r"\1::", name)
         short.append(re.sub(r"\(.*\)$", "", name))                 # the parameter list
     return short
 

@@ -51,6 +51,9 @@ namespace window_attention_detail {
 namespace {
 
 constexpr int kThreads = 128;  // every kernel's block
+// The forward keeps 4 blocks per SM (<= 128 registers per thread): its accumulators
+// (TQ * TK + TQ * C) / kThreads = 24 per thread fit with the staging loops unrolled.
+constexpr int kForwardBlocksPerSM = 4;
 // Tiles (float, half, bfloat16: fp32 accumulation).
 constexpr int kTileQueries = 32;
 constexpr int kTileKeys = 32;
@@ -150,7 +153,7 @@ __device__ __forceinline__ bool visible(const core::WindowGeometry& g, const Til
 // Kernels.
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) window_attention_forward_kernel(
+__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM) window_attention_forward_kernel(
     const core::WindowGeometry g, const scalar_t* __restrict__ q, const WindowTokenStrides q_strides,
     const scalar_t* __restrict__ k, const WindowTokenStrides k_strides, const scalar_t* __restrict__ v,
     const WindowTokenStrides v_strides, const scalar_t* __restrict__ table, const scalar_t* __restrict__ pad_key,
@@ -178,6 +181,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_forward_kernel(
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t c0 = c * C;
       acc_t o[kOuts];
+#pragma unroll
       for (int m = 0; m < kOuts; ++m) o[m] = acc_t(0);
       if (c == 0) {
         for (int i = tid; i < TQ; i += kThreads) {
@@ -188,6 +192,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_forward_kernel(
       for (int64_t kt = 0; kt < ktiles; ++kt) {
         load_tile_tokens(g, b, w, h, kt * TK, k_strides, v_strides, keys);
         acc_t s[kScores];
+#pragma unroll
         for (int m = 0; m < kScores; ++m) s[m] = acc_t(0);
         // The chunks in the order that ends with chunk c (whose v is staged).
         for (int64_t n = 0; n < chunks; ++n) {
@@ -213,6 +218,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_forward_kernel(
             if (with_v) v_s[j][d] = vv;
           }
           __syncthreads();
+#pragma unroll
           for (int m = 0; m < kScores; ++m) {
             const int e = tid + m * kThreads;
             if (e < TQ * TK) {
@@ -223,6 +229,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_forward_kernel(
             }
           }
         }
+#pragma unroll
         for (int m = 0; m < kScores; ++m) {
           const int e = tid + m * kThreads;
           if (e < TQ * TK) {
@@ -265,11 +272,13 @@ __global__ void __launch_bounds__(kThreads) window_attention_forward_kernel(
           }
         }
         __syncthreads();
+#pragma unroll
         for (int m = 0; m < kOuts; ++m) {
           const int e = tid + m * kThreads;
           if (e < TQ * C) {
             const int i = e / C, d = e % C;
             acc_t acc = o[m] * row_alpha[i];
+#pragma unroll 4  // a full unroll keeps all TK values of v_s[.][d] live: spills
             for (int j = 0; j < TK; ++j) acc += p_s[i][j] * v_s[j][d];
             o[m] = acc;
           }
@@ -284,6 +293,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_forward_kernel(
         }
       }
       const int dims_c = static_cast<int>(min64(C, hd - c0));
+#pragma unroll
       for (int m = 0; m < kOuts; ++m) {
         const int e = tid + m * kThreads;
         if (e < TQ * C) {

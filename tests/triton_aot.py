@@ -79,9 +79,9 @@ def start(module_name: str, tmp_path: Path) -> dict[int, subprocess.Popen]:
     procs = {}
     for cc in SHARED_LIMIT:
         env_cc = dict(env, TRITON_CACHE_DIR=str(Path(tmp_path) / f"cache_sm{cc}"))
-        procs[cc] = subprocess.Popen([sys.executable, "-c", _SCRIPT, module_name, str(cc), json.dumps(HOT_KERNELS)],
-                                     cwd=tmp_path,
-                                     env=env_cc, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        argv = [sys.executable, "-c", _SCRIPT, module_name, str(cc), json.dumps(HOT_KERNELS)]
+        procs[cc] = subprocess.Popen(argv, cwd=tmp_path, env=env_cc, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
     return procs
 
 
@@ -97,14 +97,14 @@ def check(procs: dict[int, subprocess.Popen], module) -> None:
         assert [r["name"] for r in results if not r["name"].endswith(("_ones", "_aligned"))] == names
         assert {r["kernel"] for r in results} == set(report["kernels"]), "a kernel is not AOT-compiled"
         assert sorted(report["specialised"]) == report["kernels"]
-        exceptions = getattr(module, "REGISTER_BUDGET_EXCEPTIONS", {})
+        exceptions = getattr(module, "REGISTER_BUDGET_EXCEPTIONS", frozenset())
         for r in results:
             assert r["cubin"] > 0, f"{r['name']}: no cubin for sm_{cc}"
             assert r["shared"] <= SHARED_LIMIT[cc], f"{r['name']}: {r['shared']} B shared memory on sm_{cc}"
             check_resources(r, cc, exceptions)
 
 
-def check_resources(r: dict, cc: int, exceptions: dict) -> None:
+def check_resources(r: dict, cc: int, exceptions: frozenset) -> None:
     """One compiled configuration: no spills (nor any stack frame: local memory), and a hot
     kernel within REGISTER_BUDGET, or listed in its module's REGISTER_BUDGET_EXCEPTIONS
     and still MIN_BLOCKS_PER_SM blocks per SM."""

@@ -45,6 +45,7 @@ test-cpp:
 
 bench: build
 	$(PY) benchmarks/run.py --out bench-results
+	$(PY) benchmarks/profile_accelerate.py --out bench-results
 
 demo: build
 	$(PY) -m medmtl info

@@ -17,7 +17,7 @@ from pathlib import Path
 BASELINE = "reference"
 COPY = "copy"
 COLUMNS = ["op", "case", "provider", "median_ms", "iqr_ms", "speedup_vs_reference", "peak_mb", "gb_per_s",
-           "percent_of_copy_bandwidth", "rounds", "threads"]
+           "percent_of_copy_bandwidth", "gflop_per_s", "rounds", "threads"]
 
 
 def _median_iqr(seconds: list[float]) -> tuple[float, float]:
@@ -38,7 +38,8 @@ def load_rows(raw_json: Path) -> list[dict]:
         rows.append(dict(op=result["op"], case=result["case"], provider=result["provider"], group=result.get("group"),
                          description=result["description"], median_ms=median * 1e3, iqr_ms=iqr * 1e3,
                          peak_mb=result["peak_bytes"] / 2**20, gb_per_s=moved / median / 1e9 if moved else float("nan"),
-                         rounds=len(result["seconds"]), threads=result["threads"]))
+                         rounds=len(result["seconds"]), threads=result["threads"],
+                         gflop_per_s=result.get("flops", 0) / median / 1e9 if result.get("flops") else float("nan")))
     by_case = defaultdict(dict)
     for row in rows:
         by_case[(row["op"], row["case"])][row["provider"]] = row
@@ -65,18 +66,24 @@ def markdown(rows: list[dict]) -> str:
     for op, case in cases:
         case_rows = [r for r in rows if r["op"] == op and r["case"] == case]
         with_copy = any(r["provider"] == COPY for r in case_rows)
+        with_flops = any(r["gflop_per_s"] == r["gflop_per_s"] for r in case_rows)
         lines += [f"## {op}: {case}", "", case_rows[0]["description"] + f" ({case_rows[0]['rounds']} rounds)", ""]
         header = "| provider | median ms | IQR ms | speed-up vs reference | peak MB |"
         rule = "|---|---:|---:|---:|---:|"
         if with_copy:
             header += " GB/s | % of copy GB/s |"
             rule += "---:|---:|"
+        if with_flops:
+            header += " GFLOP/s |"
+            rule += "---:|"
         lines += [header, rule]
         for r in case_rows:
             line = (f"| {r['provider']} | {r['median_ms']:.3f} | {r['iqr_ms']:.3f} | "
                     f"{r['speedup_vs_reference']:.2f}x | {r['peak_mb']:.2f} |")
             if with_copy:
                 line += f" {r['gb_per_s']:.1f} | {_percent(r['percent_of_copy_bandwidth'])} |"
+            if with_flops:
+                line += f" {r['gflop_per_s']:.1f} |"
             lines.append(line)
         lines.append("")
     groups = [g for g in dict.fromkeys(r.get("group") for r in rows) if g]

@@ -86,6 +86,6 @@ def test_case(case):
         times = time_interleaved(calls, _rounds(case))
     for name in calls:
         _RESULTS.append(dict(op=case.op, case=case.name, provider=name, description=case.description,
-                             group=case.group, bytes=inputs.get("bytes", 0), threads=torch.get_num_threads(),
+                             group=case.group, bytes=inputs.get("bytes", 0), flops=inputs.get("flops", 0), threads=torch.get_num_threads(),
                              peak_bytes=peaks[name], seconds=times[name]))
     _write_results()

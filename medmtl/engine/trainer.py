@@ -1,0 +1,327 @@
+"""Trainer: trains and evaluates a multi-task model on medmtl.data samples.
+
+    trainer = Trainer(model, train_set, val_set, out_dir="runs/demo", config=TrainConfig(epochs=20))
+    history = trainer.fit()            # or fit(resume=True) after an interruption
+    metrics = trainer.evaluate(test_set, out_dir="runs/demo/test")
+
+The recipe is ResFormer's: AdamW, poly learning-rate decay (power 0.9) per
+step, fixed task weights (seg 1, cls 0.25) unless given (or "uncertainty").
+Every `val_every` epochs it evaluates, appends a row to metrics.csv, and
+writes checkpoint_last.pth (model, optimizer, scheduler, loss weights, epoch,
+RNG states, config, history) and checkpoint_best.pth (by config.monitor),
+both atomically. Each epoch's batch order comes from (seed, epoch), and the
+RNG states are restored on resume, so a resumed run repeats the
+uninterrupted run's losses exactly. At the end: progress.png and overlays of
+the validation predictions.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import medmtl
+from medmtl.data.collate import collate_samples
+from medmtl.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from medmtl.engine.losses import MultiTaskLoss, TaskLosses
+from medmtl.engine.metrics import MetricAccumulator
+from medmtl.engine.plots import plot_progress, save_overlay
+
+SCHEDULES = ("joint", "alternating")
+LOWER_IS_BETTER = ("loss", "val_loss", "hd95_mean")
+
+
+@dataclass
+class TrainConfig:
+    """How to train. monitor: the validation metric that picks checkpoint_best
+    (higher is better, except losses and HD95)."""
+
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 3e-5
+    poly_power: float = 0.9
+    grad_clip: float | None = 5.0
+    amp: bool = False
+    seed: int = 0
+    val_every: int = 1
+    monitor: str = "val_loss"
+    loss_weights: dict | str | None = field(default_factory=lambda: {"seg": 1.0, "cls": 0.25})
+    seg_loss: str = "dice_focal"
+    cls_loss: str = "soft_margin"
+    class_weights: list | None = None
+    denoise_loss: str = "l1"
+    task_schedule: str = "joint"
+    backend: str | None = None
+    overlays: int = 4
+    progress_bar: bool = True
+
+    def check(self) -> None:
+        for name in ("epochs", "batch_size", "val_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"TrainConfig: {name} must be a positive int, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig: lr must be positive, got {self.lr!r}")
+        if self.task_schedule not in SCHEDULES:
+            raise ValueError(f"TrainConfig: task_schedule must be one of {SCHEDULES}, got {self.task_schedule!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"TrainConfig: grad_clip must be positive or None, got {self.grad_clip!r}")
+
+
+def _to_device(batch: dict, device) -> dict:
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            moved[key] = value.to(device)
+        elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            moved[key] = [v.to(device) for v in value]
+        else:
+            moved[key] = value
+    return moved
+
+
+class Trainer:
+    """Trains `model` on train_set (medmtl.data samples) and evaluates it on val_set.
+
+    tasks: the model outputs to train and score (default: the model's tasks,
+        or its active tasks for UMS-Rep).
+    parameters: what the optimizer updates (default: every parameter that
+        requires a gradient, and the uncertainty weights if any).
+    """
+
+    def __init__(self, model: nn.Module, train_set: Dataset, val_set: Dataset | None = None,
+                 out_dir: str | Path = "runs/train", config: TrainConfig | None = None,
+                 tasks: Sequence[str] | None = None, parameters: Iterable[nn.Parameter] | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Trainer: model must be an nn.Module, got {type(model).__name__}")
+        if train_set is None or len(train_set) == 0:
+            raise ValueError("Trainer: train_set must be a non-empty dataset")
+        self.config = config or TrainConfig()
+        self.config.check()
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.train_set, self.val_set = train_set, val_set
+        self.out_dir = Path(out_dir)
+        available = getattr(model, "active_tasks", getattr(model, "tasks", None))
+        self.tasks = tuple(tasks) if tasks is not None else tuple(available)
+        if available is not None and any(t not in available for t in self.tasks):
+            raise ValueError(f"Trainer: tasks must be among the model's {tuple(available)}, got {self.tasks}")
+        self.losses = TaskLosses(self.config.seg_loss, self.config.cls_loss, self.config.class_weights,
+                                 self.config.denoise_loss, det_stride=getattr(model, "det_stride", 4))
+        self.weighting = MultiTaskLoss(self.tasks, self.config.loss_weights).to(self.device)
+        params = list(parameters) if parameters is not None else [p for p in model.parameters() if p.requires_grad]
+        params += list(self.weighting.parameters())
+        if not params:
+            raise ValueError("Trainer: nothing to train (no parameter requires a gradient)")
+        self.optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        steps = self.config.epochs * math.ceil(len(train_set) / self.config.batch_size)
+        power = self.config.poly_power
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: max(0.0, 1 - step / steps) ** power)
+        self.history: list[dict] = []
+        self.epoch = 0
+        self.best = None
+
+    # -- the backend the fused layers run on
+
+    def _backend(self):
+        name = self.config.backend
+        if name is None:
+            from medmtl._extension import extension_loaded
+
+            name = "cpu" if self.device.type == "cpu" and extension_loaded() else "auto"
+        return medmtl.backend(name)
+
+    def _autocast(self):
+        if not self.config.amp:
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # -- training
+
+    def _loader(self, dataset: Dataset, epoch: int | None) -> DataLoader:
+        if epoch is None:
+            return DataLoader(dataset, batch_size=self.config.batch_size, shuffle=False, collate_fn=collate_samples)
+        g = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        order = torch.randperm(len(dataset), generator=g).tolist()
+        return DataLoader(dataset, batch_size=self.config.batch_size, sampler=order, collate_fn=collate_samples)
+
+    def _outputs_for(self, outputs: dict, step: int) -> dict:
+        if self.config.task_schedule == "alternating":
+            task = self.tasks[step % len(self.tasks)]
+            return {task: outputs[task]}
+        return {t: outputs[t] for t in self.tasks}
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        self.model.train()
+        totals, count = {}, 0
+        loader = self._loader(self.train_set, epoch)
+        bar = _progress(loader, f"epoch {epoch}/{self.config.epochs}", self.config.progress_bar)
+        for step, batch in enumerate(bar):
+            batch = _to_device(batch, self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            with self._backend(), self._autocast():
+                outputs = self.model(batch["image"])
+                losses = self.losses(self._outputs_for(outputs, step), batch)
+                total, parts = self.weighting(losses)
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"Trainer: the loss became {total.item()} at epoch {epoch}, step {step} "
+                                         f"(task losses {parts}); lower lr or enable grad_clip")
+            total.backward()
+            if self.config.grad_clip:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            n = batch["image"].shape[0]
+            count += n
+            totals["loss"] = totals.get("loss", 0.0) + total.item() * n
+            for task, value in parts.items():
+                totals[f"loss_{task}"] = totals.get(f"loss_{task}", 0.0) + value * n
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{totals['loss'] / count:.4f}")
+        return {f"train_{k}": v / count for k, v in totals.items()}
+
+    def fit(self, resume: bool = False) -> list[dict]:
+        """Trains for config.epochs epochs (from the last checkpoint's epoch with resume=True);
+        returns the history (one dict per epoch)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(self.config), indent=1))
+        if resume and (self.out_dir / "checkpoint_last.pth").is_file():
+            self.load(self.out_dir / "checkpoint_last.pth")
+        for epoch in range(self.epoch + 1, self.config.epochs + 1):
+            start = time.perf_counter()
+            row = {"epoch": epoch, **self.train_epoch(epoch), "lr": self.optimizer.param_groups[0]["lr"]}
+            if self.val_set is not None and (epoch % self.config.val_every == 0 or epoch == self.config.epochs):
+                row.update(self.evaluate(self.val_set, prefix_loss="val_"))
+            row["seconds"] = time.perf_counter() - start
+            self.history.append(row)
+            self.epoch = epoch
+            self._write_csv()
+            self._save_checkpoints(row)
+        if self.history:
+            plot_progress(self.history, self.out_dir / "progress.png", self.config.monitor)
+        if self.val_set is not None and self.config.overlays:
+            self.save_overlays(self.val_set, self.out_dir / "overlays", self.config.overlays)
+        return self.history
+
+    # -- evaluation
+
+    @torch.no_grad()
+    def predict(self, batch: dict) -> dict:
+        self.model.eval()
+        with self._backend(), self._autocast():
+            return self.model(_to_device(batch, self.device)["image"])
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Dataset, out_dir: str | Path | None = None, prefix_loss: str = "") -> dict:
+        """Metrics of the model on dataset (and its mean loss as "{prefix_loss}loss");
+        with out_dir, also written to metrics.json and metrics.csv there."""
+        labels = getattr(dataset, "label_names", None)
+        accumulator = MetricAccumulator(self.tasks, getattr(dataset, "seg_classes", getattr(self.model, "seg_classes",
+                                                                                            2)),
+                                        labels, decode=getattr(self.model, "decode_detections", None))
+        total, count = 0.0, 0
+        for batch in self._loader(dataset, None):
+            batch = _to_device(batch, self.device)
+            outputs = self.predict(batch)
+            outputs = {t: outputs[t] for t in self.tasks}
+            loss, _ = self.weighting(self.losses(outputs, batch))
+            n = batch["image"].shape[0]
+            total, count = total + float(loss) * n, count + n
+            accumulator.update(outputs, batch)
+        metrics = {f"{prefix_loss}loss": total / max(count, 1), **accumulator.compute()}
+        if out_dir is not None:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            with open(out / "metrics.csv", "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["metric", "value"])
+                writer.writerows(metrics.items())
+        return metrics
+
+    @torch.no_grad()
+    def save_overlays(self, dataset: Dataset, out_dir: Path, count: int) -> list[Path]:
+        paths = []
+        for i in range(min(count, len(dataset))):
+            sample = dataset[i]
+            batch = collate_samples([sample])
+            outputs = self.predict(batch)
+            pred_mask = boxes = labels = None
+            if "seg" in outputs:
+                seg = outputs["seg"][0].float()
+                pred_mask = (seg[0] > 0).long() if seg.shape[0] == 1 else seg.argmax(0)
+            if "det" in outputs and hasattr(self.model, "decode_detections"):
+                det = self.model.decode_detections({k: v for k, v in outputs["det"].items()}, 0.3)[0]
+                boxes, labels = det["boxes"], det["labels"] + 1
+            title = sample.get("name", str(i))
+            if "cls" in outputs:
+                probs = torch.sigmoid(outputs["cls"][0].float()).tolist()
+                title += "  p=" + ", ".join(f"{p:.2f}" for p in probs)
+            paths.append(save_overlay(sample["image"], out_dir / f"{sample.get('name', i)}.png", pred_mask.cpu()
+                                      if pred_mask is not None else None, sample.get("mask"),
+                                      boxes.cpu() if boxes is not None else None, labels,
+                                      sample.get("boxes"), title))
+        return paths
+
+    # -- checkpoints
+
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "weighting": self.weighting.state_dict(),
+                "epoch": self.epoch, "rng": rng_state(), "config": dataclasses.asdict(self.config),
+                "history": self.history, "best": self.best}
+
+    def load(self, path: str | Path) -> None:
+        """Restores a checkpoint_last.pth (model, optimizer, scheduler, epoch, RNG, history)."""
+        state = load_checkpoint(path)
+        missing = {"model", "optimizer", "scheduler", "epoch", "rng"} - set(state)
+        if missing:
+            raise ValueError(f"Trainer.load: {path} is not a training checkpoint (missing {sorted(missing)})")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.weighting.load_state_dict(state.get("weighting", {}))
+        self.epoch, self.history, self.best = state["epoch"], list(state.get("history", [])), state.get("best")
+        set_rng_state(state["rng"])
+
+    def _save_checkpoints(self, row: dict) -> None:
+        monitor = self.config.monitor
+        value = row.get(monitor)
+        if isinstance(value, float) and math.isfinite(value):
+            better = self.best is None or (value < self.best if monitor in LOWER_IS_BETTER or
+                                           monitor.endswith("loss") else value > self.best)
+            if better:
+                self.best = value
+                save_atomic({"model": self.model.state_dict(), "epoch": self.epoch, "monitor": monitor,
+                             "value": value, "config": dataclasses.asdict(self.config)},
+                            self.out_dir / "checkpoint_best.pth")
+        save_atomic(self.state(), self.out_dir / "checkpoint_last.pth")
+
+    def _write_csv(self) -> None:
+        columns = list(dict.fromkeys(k for row in self.history for k in row))
+        with open(self.out_dir / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.history)
+
+
+def _progress(iterable, description: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)

@@ -170,3 +170,20 @@ def test_config_and_task_errors(tmp_path):
         _trainer(tmp_path, task_schedule="random")
     with pytest.raises(ValueError, match="tasks must be among"):
         Trainer(small_model("resformer_mtl", in_channels=1), SyntheticLesions(4, 32), tasks=("det",))
+
+
+def test_detection_loss_hand_case():
+    """One class, a 1x2 map: a positive cell (target 1) and a negative one (target
+    0.5); probabilities 0.5 and 0.25, size and offset off by 2 and 1 at the centre."""
+    from medmtl.engine import detection_loss
+
+    logit = torch.logit(torch.tensor([0.5, 0.25]))
+    det = {"heatmap": logit.view(1, 1, 1, 2), "size": torch.zeros(1, 2, 1, 2), "offset": torch.zeros(1, 2, 1, 2)}
+    targets = {"heatmap": torch.tensor([1.0, 0.5]).view(1, 1, 1, 2),
+               "size": torch.tensor([[2.0, 0.0], [2.0, 0.0]]).view(1, 2, 1, 2),
+               "offset": torch.tensor([[1.0, 0.0], [1.0, 0.0]]).view(1, 2, 1, 2),
+               "mask": torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)}
+    positive = -math.log(0.5) * 0.5 ** 2
+    negative = -math.log(0.75) * 0.25 ** 2 * 0.5 ** 4
+    expected = positive + negative + 0.1 * (2 + 2) + (1 + 1)   # L1 summed over (w, h), per box
+    assert detection_loss(det, targets).item() == pytest.approx(expected, rel=1e-5)

@@ -142,3 +142,27 @@ def test_summary_counts_parameters_and_multiply_adds(name):
     assert all(m > 0 for m in summary.macs.values())
     text = str(summary)
     assert "multiply-adds" in text and f"{summary.total_parameters:,}" in text
+
+
+def test_summary_defaults_of_a_model_without_declared_heads():
+    """A MultiTaskModel that names no parts or heads: each top-level child is a
+    shared part, and every task's multiply-adds are the whole forward's."""
+    from torch import nn
+
+    from medmtl.models import MultiTaskModel
+
+    class Tiny(MultiTaskModel):
+        all_tasks = ("cls",)
+
+        def __init__(self):
+            super().__init__()
+            self.in_channels, self.tasks = 1, ("cls",)
+            self.body = nn.Conv2d(1, 4, 3, bias=False)
+            self.head = nn.Linear(4, 2, bias=False)
+
+        def forward(self, x):
+            return {"cls": self.head(self.body(x).mean((2, 3)))}
+
+    summary = Tiny().summary(10)
+    assert summary.parts == {"body": 36, "head": 8} and summary.heads == {"cls": 0}
+    assert summary.macs == {"cls": 4 * 9 * 8 * 8 + 4 * 2}  # the 3x3 conv on 8x8 outputs, then the linear

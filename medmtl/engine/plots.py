@@ -17,6 +17,17 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path) -> Path:
+    """Writes the figure to path (creating its folder) and closes it."""
+    plt = _pyplot()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_progress(history: list[dict], path: Path, monitor: str | None = None) -> Path:
     """history: one dict per epoch ("epoch", "train_loss", "val_loss", metrics) -> a PNG
     with the losses on the left and the validation metrics in [0, 1] on the right."""
@@ -41,12 +52,7 @@ def plot_progress(history: list[dict], path: Path, monitor: str | None = None) -
     right.set_ylabel("validation metric")
     if shown:
         right.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _finite(value) -> bool:
@@ -93,9 +99,4 @@ def save_overlay(image: torch.Tensor, path: Path, pred_mask: torch.Tensor | None
                                        edgecolor=COLOURS[(k - 1) % len(COLOURS)], linewidth=1))
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

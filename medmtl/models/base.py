@@ -19,18 +19,22 @@ class MultiTaskModel(nn.Module):
     in_channels: int
     tasks: tuple[str, ...]
 
-    def part_paths(self) -> dict[str, list[str]]:
-        """Shared part name -> its submodule paths."""
-        raise NotImplementedError
-
     def head_paths(self) -> dict[str, list[str]]:
-        """Task -> the submodule paths only that task uses."""
-        raise NotImplementedError
+        """Task -> the submodule paths only that task uses. By default none: every
+        submodule counts as shared (models with task heads override this)."""
+        return {}
+
+    def part_paths(self) -> dict[str, list[str]]:
+        """Shared part name -> its submodule paths. By default each top-level child
+        that no task head claims is a part of its own."""
+        claimed = {p for paths in self.head_paths().values() for p in paths}
+        return {name: [name] for name, _ in self.named_children() if name not in claimed}
 
     def summary(self, img_size=224) -> ModelSummary:
         """Parameters per part and per task head, multiply-adds per task (at batch 1);
         print() it for a table."""
-        heads = {t: p for t, p in self.head_paths().items() if t in self.tasks}
+        own = self.head_paths()
+        heads = {t: own.get(t, []) for t in self.tasks}
         return summarize(self, img_size, self.part_paths(), heads, self.summary_notes())
 
     def summary_notes(self) -> list[str]:

@@ -34,7 +34,8 @@ class MultiTaskModel(nn.Module):
         """Parameters per part and per task head, multiply-adds per task (at batch 1);
         print() it for a table."""
         own = self.head_paths()
-        heads = {t: own.get(t, []) for t in self.tasks}
+        # the tasks forward() returns now (UMS-Rep's pretrain mode: only "denoise")
+        heads = {t: own.get(t, []) for t in getattr(self, "active_tasks", self.tasks)}
         return summarize(self, img_size, self.part_paths(), heads, self.summary_notes())
 
     def summary_notes(self) -> list[str]:

@@ -190,11 +190,6 @@ class UMSRep(MultiTaskModel):
         return [f"mode {self.mode}{' (representation frozen)' if self.representation_frozen else ''}: trainable "
                 + ", ".join(f"{k} {v:,}" for k, v in counts.items())]
 
-    def summary(self, img_size=224):
-        heads = self.head_paths()
-        from medmtl.models.summary import summarize
-        return summarize(self, img_size, self.part_paths(), heads, self.summary_notes())
-
 
 @register_model
 def ums_rep(**kwargs) -> UMSRep:

@@ -84,6 +84,9 @@ def test_classification_metrics_hand_case():
     assert m["auc_a"] == pytest.approx(0.75)     # positives scored 2, -1; negatives 1, -2
     assert m["auc_b"] == 1.0 and m["accuracy_b"] == 1.0
     assert m["auc_macro"] == pytest.approx(0.875)
+    # label a: tp 1, fp 1, fn 1, tn 1 -> F1 2/(2+1+1) = 0.5, MCC (1 - 1) / 4 = 0; label b perfect
+    assert m["f1_a"] == pytest.approx(0.5) and m["mcc_a"] == pytest.approx(0.0)
+    assert m["f1_b"] == pytest.approx(1.0) and m["mcc_b"] == pytest.approx(1.0)
 
 
 def test_denoising_and_detection_metrics():

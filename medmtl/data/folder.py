@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["FolderDataset", "IMAGE_SUFFIXES"]
+__all__ = ["FolderDataset", "IMAGE_SUFFIXES", "read_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz")
 _PIL, _DICOM, _NIFTI = "pil", "dicom", "nifti"
@@ -348,17 +348,7 @@ class FolderDataset(Dataset):
         return sample
 
     def _read_image(self, name: str) -> torch.Tensor:
-        x = _read(self.root / "images" / name)
-        c = x.shape[0]
-        if c in (2, 4):  # gray + alpha, RGB + alpha
-            x, c = x[: c - 1], c - 1
-        if c not in (1, 3):
-            raise ValueError(f"FolderDataset: {self.root / 'images' / name} has {c} channels, expected 1 or 3")
-        if self.in_channels == 3 and c == 1:
-            x = x.repeat(3, 1, 1)
-        elif self.in_channels == 1 and c == 3:
-            x = x.mean(dim=0, keepdim=True)
-        return x.contiguous()
+        return read_image(self.root / "images" / name, self.in_channels)
 
     def _read_mask(self, name: str) -> torch.Tensor:
         path = self.root / "masks" / self._masks[name]
@@ -372,6 +362,28 @@ class FolderDataset(Dataset):
             raise ValueError(f"FolderDataset: mask {path} must hold integer class indices >= 0, got values in "
                              f"[{float(m.min())}, {float(m.max())}] (non-integers or negatives)")
         return m.to(torch.int64)
+
+
+def read_image(path: str | os.PathLike, in_channels: int | None = None) -> torch.Tensor:
+    """One image file (any of IMAGE_SUFFIXES) as (C, H, W) float32, C 1 or 3 (an alpha
+    channel dropped; in_channels 1 averages RGB, 3 repeats gray; None keeps the file's)."""
+    path = Path(path)
+    if _suffix(path.name) not in IMAGE_SUFFIXES:
+        raise ValueError(f"read_image: {path} is not a supported image file (expected one of "
+                         f"{', '.join(IMAGE_SUFFIXES)})")
+    if in_channels not in (None, 1, 3):
+        raise ValueError(f"read_image: in_channels must be None, 1 or 3, got {in_channels!r}")
+    x = _read(path)
+    c = x.shape[0]
+    if c in (2, 4):  # gray + alpha, RGB + alpha
+        x, c = x[: c - 1], c - 1
+    if c not in (1, 3):
+        raise ValueError(f"FolderDataset: {path} has {c} channels, expected 1 or 3")
+    if in_channels == 3 and c == 1:
+        x = x.repeat(3, 1, 1)
+    elif in_channels == 1 and c == 3:
+        x = x.mean(dim=0, keepdim=True)
+    return x.contiguous()
 
 
 _loaders: dict = {}

@@ -70,6 +70,7 @@ class SyntheticLesions(Dataset):
     seg_classes = len(KINDS) + 1
     num_labels = len(KINDS)
     label_names = KINDS
+    class_names = KINDS  # mask classes 1..3
     tasks = ("seg", "cls", "det", "denoise")
 
     def __init__(self, n: int, img_size: int = 64, seed: int = 0, channels: int = 1, noise: str | None = None,

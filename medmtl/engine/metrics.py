@@ -13,6 +13,7 @@ MetricAccumulator takes batches (update) and returns one flat dict of floats
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -54,6 +55,19 @@ class MetricAccumulator:
             self._det_true += [{"boxes": b.cpu(), "labels": (lb - 1).cpu()} for b, lb in
                                zip(batch["boxes"], batch["box_labels"])]
 
+    _STATE = ("_seg_pred", "_seg_true", "_cls_logits", "_cls_true", "_den_out", "_den_true", "_det_pred",
+              "_det_true")
+
+    def state(self) -> dict[str, list]:
+        """What update() has collected (CPU tensors), for gathering across processes."""
+        return {name: getattr(self, name) for name in self._STATE}
+
+    def merge(self, states: Sequence[Mapping[str, list]]) -> None:
+        """Replaces the collected outputs by those of `states` (every process's
+        state(), this one's included), in order."""
+        for name in self._STATE:
+            setattr(self, name, [item for state in states for item in state[name]])
+
     def compute(self) -> dict[str, float]:
         metrics = {}
         if self._seg_pred:
@@ -82,7 +96,12 @@ def segmentation_metrics(pred: torch.Tensor, true: torch.Tensor, classes: int) -
     dice = compute_dice(p, t, include_background=False, ignore_empty=False)
     iou = compute_iou(p, t, include_background=False, ignore_empty=False)
     both = (p[:, 1:].flatten(2).sum(-1) > 0) & (t[:, 1:].flatten(2).sum(-1) > 0)
-    hd = compute_hausdorff_distance(p, t, include_background=False, percentile=95)
+    with warnings.catch_warnings():
+        # Empty classes give inf distances, which are excluded below (only images with the class
+        # in both prediction and truth count); MONAI warns about each of them.
+        warnings.filterwarnings("ignore", message=".*all 0, this may result in nan/inf distance")
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+        hd = compute_hausdorff_distance(p, t, include_background=False, percentile=95)
     out = {}
     for k in range(1, classes):
         sel = present[:, k - 1]
@@ -98,14 +117,14 @@ def segmentation_metrics(pred: torch.Tensor, true: torch.Tensor, classes: int) -
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,
                            names: Sequence[str] | None = None) -> dict[str, float]:
-    """logits, labels (N, L) -> accuracy, sensitivity, specificity (probability >= 0.5)
-    and AUC per label (by name or index) and their macro averages."""
-    from torchmetrics.functional.classification import binary_auroc
+    """logits, labels (N, L) -> accuracy, sensitivity, specificity, F1, MCC (probability
+    >= 0.5) and AUC per label (by name or index) and their macro averages."""
+    from torchmetrics.functional.classification import binary_auroc, binary_f1_score, binary_matthews_corrcoef
 
     probs = torch.sigmoid(logits)
     pred, true = probs >= 0.5, labels >= 0.5
     names = list(names) if names is not None else [str(i) for i in range(labels.shape[1])]
-    out, per = {}, {"accuracy": [], "sensitivity": [], "specificity": [], "auc": []}
+    out, per = {}, {"accuracy": [], "sensitivity": [], "specificity": [], "f1": [], "mcc": [], "auc": []}
     for j, name in enumerate(names):
         tp = (pred[:, j] & true[:, j]).sum().item()
         tn = (~pred[:, j] & ~true[:, j]).sum().item()
@@ -113,6 +132,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,
         values = {"accuracy": (tp + tn) / max(pos + neg, 1),
                   "sensitivity": tp / pos if pos else float("nan"),
                   "specificity": tn / neg if neg else float("nan"),
+                  "f1": binary_f1_score(probs[:, j], true[:, j].long()).item(),
+                  "mcc": binary_matthews_corrcoef(probs[:, j], true[:, j].long()).item(),
                   "auc": binary_auroc(probs[:, j], true[:, j].long()).item() if pos and neg else float("nan")}
         for key, value in values.items():
             out[f"{key}_{name}"] = value

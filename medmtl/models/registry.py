@@ -27,3 +27,16 @@ def create_model(name: str, **kwargs) -> nn.Module:
     if not isinstance(name, str) or name not in _MODELS:
         raise ValueError(f"create_model: name must be one of {list_models()}, got {name!r}")
     return _MODELS[name](**kwargs)
+
+
+def model_class(name: str) -> type:
+    """The class the registered constructor `name` returns (its return annotation), whose
+    __init__ holds the model's arguments."""
+    import typing
+
+    if not isinstance(name, str) or name not in _MODELS:
+        raise ValueError(f"model_class: name must be one of {list_models()}, got {name!r}")
+    cls = typing.get_type_hints(_MODELS[name]).get("return")
+    if not isinstance(cls, type):
+        raise TypeError(f"model_class: the constructor {name!r} has no class as its return annotation")
+    return cls

@@ -190,3 +190,20 @@ def test_detection_loss_hand_case():
     negative = -math.log(0.75) * 0.25 ** 2 * 0.5 ** 4
     expected = positive + negative + 0.1 * (2 + 2) + (1 + 1)   # L1 summed over (w, h), per box
     assert detection_loss(det, targets).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_balanced_label_weights_follow_the_label_counts():
+    from medmtl.engine.trainer import balanced_label_weights
+
+    class Labels(torch.utils.data.Dataset):
+        rows = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"labels": self.rows[i]}
+
+    # label 0: 1 positive, 3 negatives -> 3; label 1: the same -> 3; label 2: no negatives -> 1
+    w = balanced_label_weights(Labels())
+    assert w == pytest.approx([3 / (7 / 3), 3 / (7 / 3), 1 / (7 / 3)])

@@ -295,6 +295,12 @@ class FolderDataset(Dataset):
             self._seg_classes = 1 + max(int(self._read_mask(n).max()) for n in self._all_images)
         return self._seg_classes
 
+    def label_matrix(self) -> torch.Tensor:
+        """(len(self), num_labels) float32: the split's labels, read from labels.csv alone."""
+        if self._labels is None:
+            raise ValueError(f"FolderDataset: {self.root} has no labels.csv")
+        return torch.tensor([self._labels[n] for n in self.names], dtype=torch.float32).reshape(-1, self.num_labels)
+
     def set_epoch(self, epoch: int) -> None:
         """New transform draws for `epoch` (the per-sample generators are seeded by seed, epoch, index)."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:

@@ -46,6 +46,7 @@ from medmtl.engine.metrics import MetricAccumulator
 from medmtl.engine.plots import plot_progress, save_overlay
 
 SCHEDULES = ("joint", "alternating")
+OPTIMIZERS = ("adamw", "sgd")
 LOWER_IS_BETTER = ("loss", "val_loss", "hd95_mean")
 
 
@@ -62,6 +63,10 @@ class TrainConfig:
         whose name and shape match; e.g. UMS-Rep's pretraining run).
     sync_batchnorm: with several processes on GPUs, BatchNorm statistics over
         every process's micro-batch (torch.nn.SyncBatchNorm).
+    optimizer: "adamw" (ResFormer's) or "sgd" (Nesterov momentum 0.99, nnU-Net's).
+    class_weights: per-label weights of the classification loss, or "balanced":
+        n_negative / n_positive of each label in the training set (rare labels weigh more),
+        scaled to mean 1.
     """
 
     epochs: int = 20
@@ -77,7 +82,7 @@ class TrainConfig:
     loss_weights: dict | str | None = field(default_factory=lambda: {"seg": 1.0, "cls": 0.25})
     seg_loss: str = "dice_focal"
     cls_loss: str = "soft_margin"
-    class_weights: list | None = None
+    class_weights: list | str | None = None
     denoise_loss: str = "l1"
     task_schedule: str = "joint"
     backend: str | None = None
@@ -87,6 +92,7 @@ class TrainConfig:
     num_workers: int = 0
     init_from: str | None = None
     sync_batchnorm: bool = False
+    optimizer: str = "adamw"
 
     def check(self) -> None:
         for name in ("epochs", "batch_size", "val_every", "accumulate_steps"):
@@ -99,6 +105,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: task_schedule must be one of {SCHEDULES}, got {self.task_schedule!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"TrainConfig: grad_clip must be positive or None, got {self.grad_clip!r}")
+        if isinstance(self.class_weights, str) and self.class_weights != "balanced":
+            raise ValueError(f"TrainConfig: class_weights must be a list of numbers, 'balanced' or None, got "
+                             f"{self.class_weights!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"TrainConfig: num_workers must be a non-negative int, got {self.num_workers!r}")
 
@@ -152,7 +163,10 @@ class Trainer:
         self.tasks = tuple(tasks) if tasks is not None else tuple(available)
         if available is not None and any(t not in available for t in self.tasks):
             raise ValueError(f"Trainer: tasks must be among the model's {tuple(available)}, got {self.tasks}")
-        self.losses = TaskLosses(self.config.seg_loss, self.config.cls_loss, self.config.class_weights,
+        class_weights = self.config.class_weights
+        if class_weights == "balanced":
+            class_weights = balanced_label_weights(train_set) if train_set is not None else None
+        self.losses = TaskLosses(self.config.seg_loss, self.config.cls_loss, class_weights,
                                  self.config.denoise_loss, det_stride=getattr(model, "det_stride", 4))
         self.weighting = MultiTaskLoss(self.tasks, self.config.loss_weights).to(self.device)
         params = list(parameters) if parameters is not None else [p for p in model.parameters() if p.requires_grad]
@@ -167,7 +181,11 @@ class Trainer:
             self.network = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=unused)
-        self.optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        if self.config.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=self.config.lr, momentum=0.99, nesterov=True,
+                                             weight_decay=self.config.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
         per_epoch = len(self._train_sampler(1)) if train_set is not None else self.config.accumulate_steps
         steps = self.config.epochs * math.ceil(per_epoch / self.config.accumulate_steps)
         power = self.config.poly_power
@@ -411,6 +429,17 @@ class Trainer:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
             writer.writerows(self.history)
+
+
+def balanced_label_weights(dataset: Dataset) -> list[float]:
+    """n_negative / n_positive per label over dataset's samples (a label without
+    positives or negatives weighs 1), scaled to mean 1."""
+    matrix = dataset.label_matrix() if hasattr(dataset, "label_matrix") else \
+        torch.stack([dataset[i]["labels"] for i in range(len(dataset))])
+    positives = (matrix >= 0.5).sum(0).double()
+    negatives = matrix.shape[0] - positives
+    weights = torch.where((positives > 0) & (negatives > 0), negatives / positives.clamp_min(1), 1.0)
+    return (weights / weights.mean()).tolist()
 
 
 def load_matching_weights(model: nn.Module, path: str | Path) -> list[str]:

@@ -105,25 +105,50 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """One panel per op: a row of bars per case (one bar per provider), the speed-up
+    against the reference eager on a log axis (1x marked)."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    cases = list(dict.fromkeys(f"{r['op']}\n{r['case']}" for r in rows))
-    providers = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != COPY]
-    width = 0.8 / max(len(providers), 1)
-    fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(cases), 4))
-    for j, provider in enumerate(providers):
-        values = [next((r["speedup_vs_reference"] for r in rows
-                        if f"{r['op']}\n{r['case']}" == c and r["provider"] == provider), 0) for c in cases]
-        ax.bar([i + j * width for i in range(len(cases))], values, width, label=provider)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([i + width * (len(providers) - 1) / 2 for i in range(len(cases))], cases, fontsize=8)
-    ax.set_ylabel("speed-up vs reference eager")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    # the reference is 1x by definition: the line at 1 stands for it
+    providers = [p for p in dict.fromkeys(r["provider"] for r in rows) if p not in (COPY, BASELINE)]
+    columns = 2 if len(ops) > 1 else 1
+    panel_rows = math.ceil(len(ops) / columns)
+    cases_per_op = {op: list(dict.fromkeys(r["case"] for r in rows if r["op"] == op)) for op in ops}
+    tallest = max(len(c) for c in cases_per_op.values()) if ops else 1
+    fig, axes = plt.subplots(panel_rows, columns, squeeze=False,
+                             figsize=(7.5 * columns, 0.6 + panel_rows * (0.9 + 0.32 * tallest * len(providers) / 2)))
+    height = 0.8 / max(len(providers), 1)
+    for ax, op in zip(axes.flat, ops):
+        cases = cases_per_op[op]
+        for j, provider in enumerate(providers):
+            values = [next((r["speedup_vs_reference"] for r in rows
+                            if r["op"] == op and r["case"] == c and r["provider"] == provider), float("nan"))
+                      for c in cases]
+            ax.barh([i + j * height for i in range(len(cases))], values, height, label=provider,
+                    color=f"C{j}")
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_yticks([i + height * (len(providers) - 1) / 2 for i in range(len(cases))], cases, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(op, fontsize=10)
+        ax.set_xlabel("speed-up vs reference eager (log)", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+    for ax in list(axes.flat)[len(ops):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(providers), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

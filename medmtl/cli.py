@@ -48,7 +48,7 @@ def _bench(args) -> int:
 def _study(args) -> int:
     from medmtl.studies import run_study
 
-    run_study(args.name, args.out, minutes=args.minutes)
+    run_study(args.name, args.out, quick=args.quick)
     return 0
 
 
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     study = commands.add_parser("study", help="a paper's comparison on synthetic data (tables, plots)")
     study.add_argument("name", choices=("ums_rep", "ft_mtl_net"))
     study.add_argument("--out", default=None, help="output folder (default demo-results/<name>)")
-    study.add_argument("--minutes", type=float, default=None, help="scale the study to about this budget")
+    study.add_argument("--quick", action="store_true", help="a tiny version (seconds; numbers meaningless)")
     study.set_defaults(run=_study)
 
     bench = commands.add_parser("bench", help="time every backend of every op (the source checkout's suite)")

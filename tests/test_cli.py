@@ -172,7 +172,7 @@ def test_compare_tables_two_runs(trained_run, tmp_path):
     table = (out / "comparison.md").read_text().splitlines()
     assert table[0].startswith("| run | model | dice_mean") and "trainable_parameters" in table[0]
     assert table[2].startswith("| tiny |") and table[3].startswith("| no_dfe |")
-    params = [int(line.split("|")[-2]) for line in table[2:]]
+    params = [int(line.split("|")[-2].replace(",", "")) for line in table[2:]]
     assert params[0] > params[1]  # the DFE blocks' parameters
     assert (out / "comparison.png").stat().st_size > 10_000 and (out / "comparison.csv").is_file()
     assert cli.main(["compare", str(tmp_path), "--out", str(out)]) == 2  # not a run folder

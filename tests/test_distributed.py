@@ -97,3 +97,61 @@ def _write(tmp_path: Path, values: dict) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
+
+
+def _sync_batchnorm_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as torch_dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch_dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    layer, features, weights = _sync_batchnorm_case()
+    layer = torch.nn.SyncBatchNorm.convert_sync_batchnorm(layer)
+    shard = [f[rank::world].clone().requires_grad_() for f in features]
+    y = layer(shard)
+    (y * weights[rank::world]).sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    for g in grads.values():
+        torch_dist.all_reduce(g)
+    torch.save({"y": y.detach(), "input_grads": [f.grad for f in shard], "grads": grads,
+                "running": [n.running_mean.clone() for n in layer.norms]}, f"{out}/{rank}.pt")
+    torch_dist.destroy_process_group()
+
+
+def _sync_batchnorm_case():
+    from medmtl.layers import MultiScalePool
+
+    torch.manual_seed(0)
+    layer = MultiScalePool([8, 16]).double()
+    g = torch.Generator().manual_seed(1)
+    features = [torch.randn(4, 8, 6, 6, generator=g, dtype=torch.float64) * 3 + 5,
+                torch.randn(4, 16, 3, 3, generator=g, dtype=torch.float64)]
+    weights = torch.randn(4, layer.out_features, generator=g, dtype=torch.float64)
+    return layer, features, weights
+
+
+def test_sync_batchnorm_in_fused_layers_uses_every_process_batch(tmp_path):
+    """MultiScalePool folds its BatchNorms into the fused op (batch_norm_as_affine): with
+    SyncBatchNorm over 2 processes, outputs, gradients and running statistics equal one
+    process's on the whole batch."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sync_batchnorm_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    layer, features, weights = _sync_batchnorm_case()
+    features = [f.requires_grad_() for f in features]
+    y = layer(features)
+    (y * weights).sum().backward()
+    parts = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    # process r held samples r, r + 2: interleave the shards back
+    torch.testing.assert_close(torch.stack([p["y"] for p in parts], 1).reshape(y.shape), y.detach())
+    for i, f in enumerate(features):
+        torch.testing.assert_close(torch.stack([p["input_grads"][i] for p in parts], 1).reshape(f.shape), f.grad)
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(parts[0]["grads"][name], p.grad, msg=name)
+    for i, norm in enumerate(layer.norms):
+        torch.testing.assert_close(parts[0]["running"][i], norm.running_mean)

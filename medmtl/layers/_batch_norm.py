@@ -12,7 +12,8 @@ def batch_norm_as_affine(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor)
     Uses the batch statistics where BatchNorm would (training, or no running
     statistics) and then updates the running statistics as BatchNorm does.
     Gradients flow into x through the batch statistics, and into norm's weight
-    and bias.
+    and bias. A training nn.SyncBatchNorm in a process group of several
+    processes takes the statistics of every process's batch, as it would itself.
     """
     weight = norm.weight if norm.affine else torch.ones(x.shape[1], device=x.device)
     bias = norm.bias if norm.affine else torch.zeros(x.shape[1], device=x.device)
@@ -28,12 +29,46 @@ def batch_norm_as_affine(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor)
             # BatchNorm's rule: momentum None means a cumulative average over batches.
             norm.num_batches_tracked.add_(1)
             factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-        mean, invstd = _BatchMoments.apply(x, norm.eps, norm.running_mean if update else None,
-                                           norm.running_var if update else None, factor)
+        if _synchronised(norm):
+            mean, invstd = _synced_moments(norm, x, update, factor)
+        else:
+            mean, invstd = _BatchMoments.apply(x, norm.eps, norm.running_mean if update else None,
+                                               norm.running_var if update else None, factor)
     else:
         mean, invstd = norm.running_mean, torch.rsqrt(norm.running_var + norm.eps)
     scale = weight * invstd
     return scale, bias - mean * scale
+
+
+def _synchronised(norm) -> bool:
+    if not (isinstance(norm, nn.SyncBatchNorm) and norm.training):
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(norm.process_group) > 1
+
+
+def _synced_moments(norm, x: torch.Tensor, update: bool, factor: float):
+    """(mean, invstd) over every process's x (differentiable all-reduces: the backward
+    sums the gradients of all processes' losses, as SyncBatchNorm's does); the
+    variance is taken about the global mean, so it does not cancel catastrophically."""
+    from torch.distributed.nn.functional import all_reduce
+
+    group = norm.process_group or torch.distributed.group.WORLD
+    dims = [0] + list(range(2, x.dim()))
+    xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    local = torch.cat([xs.sum(dims), xs.new_full((1,), x.numel() // x.shape[1])])
+    total = all_reduce(local, group=group)
+    count = total[-1]
+    mean = total[:-1] / count
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    var = all_reduce((xs - mean.view(shape)).square().sum(dims), group=group) / count
+    if update:
+        with torch.no_grad():
+            unbiased = var * count / (count - 1).clamp_min(1)
+            norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
+            norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), factor)
+    return mean, torch.rsqrt(var + norm.eps)
 
 
 class _BatchMoments(torch.autograd.Function):

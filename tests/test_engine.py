@@ -207,3 +207,18 @@ def test_balanced_label_weights_follow_the_label_counts():
     # label 0: 1 positive, 3 negatives -> 3; label 1: the same -> 3; label 2: no negatives -> 1
     w = balanced_label_weights(Labels())
     assert w == pytest.approx([3 / (7 / 3), 3 / (7 / 3), 1 / (7 / 3)])
+
+
+def test_load_matching_weights_copies_what_fits(tmp_path):
+    from medmtl.engine.checkpoint import save_atomic
+    from medmtl.engine.trainer import load_matching_weights
+
+    source = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(4, 2, 1))
+    target = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Conv2d(4, 5, 1))  # other head width
+    save_atomic({"model": source.state_dict()}, tmp_path / "ckpt.pth")
+    loaded = load_matching_weights(target, tmp_path / "ckpt.pth")
+    assert loaded == ["0.bias", "0.weight"]
+    assert torch.equal(target[0].weight, source[0].weight) and not torch.equal(target[1].bias[:2], source[1].bias)
+    save_atomic({"model": {"other.weight": torch.zeros(1)}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="no tensor of .*other.pth matches the model"):
+        load_matching_weights(target, tmp_path / "other.pth")

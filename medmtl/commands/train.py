@@ -57,9 +57,13 @@ def train(config: RunConfig, resume: bool = False, stop_after_epoch: int | None 
                "monitor": config.train.monitor, "best": trainer.best, "last": history[-1] if history else {}}
     if dist.is_main_process():
         (run_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
-        log(f"trained {trainer.epoch}/{config.train.epochs} epochs in {summary['train_seconds'] / 60:.1f} min; "
+        log(f"trained {trainer.epoch}/{config.train.epochs} epochs in {_duration(summary['train_seconds'])}; "
             f"best {config.train.monitor} {trainer.best}; checkpoints in {run_dir}")
     return summary
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def main(args) -> int:

@@ -104,9 +104,9 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path) -> list[str]:
     """One panel per op: a row of bars per case (one bar per provider), the speed-up
-    against the reference eager on a log axis (1x marked)."""
+    against the reference eager on a log axis (1x marked). Returns the panels' titles."""
     import math
 
     import matplotlib
@@ -150,6 +150,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return ops
 
 
 def write_report(raw_json: Path, out_dir: Path) -> str:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from benchmarks.report import load_rows, markdown
+from benchmarks.report import load_rows, markdown, plot
 from benchmarks.test_bench_ops import time_interleaved
 
 
@@ -43,3 +43,15 @@ def test_report_rows_take_medians_and_ratios_from_the_raw_timings(tmp_path):
     assert rows["reference"]["gb_per_s"] == pytest.approx(8e6 / 3e-3 / 1e9)
     assert rows["reference"]["iqr_ms"] > 0
     assert "| medmtl cpu | 1.500 |" in markdown(list(rows.values()))
+
+
+def test_report_plot_has_one_readable_panel_per_op(tmp_path):
+    from PIL import Image
+
+    rows = [dict(op=op, case=f"case {c}", provider=p, speedup_vs_reference=s)
+            for op in ("multiscale_pool", "window_attention", "dilated_feature_enhancement")
+            for c in range(6) for p, s in (("reference", 1.0), ("medmtl cpu", 5.0), ("compile", 0.7))]
+    assert plot(rows, tmp_path / "report.png") == ["multiscale_pool", "window_attention",
+                                                   "dilated_feature_enhancement"]
+    width, height = Image.open(tmp_path / "report.png").size
+    assert width <= 2000 and height <= 3000  # two columns of panels, not one strip per case

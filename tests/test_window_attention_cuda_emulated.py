@@ -403,6 +403,23 @@ def test_batch_zero_launches_nothing(emulated):
     assert emu.launches() == []
 
 
+def test_index_range_beyond_int32_is_refused(emulated):
+    """The kernels index in 32-bit (core::WindowGeometry32): a geometry whose padded token rows
+    (batch x padded tokens x heads) reach 2^31 makes both launchers return an error
+    (cudaErrorInvalidValue) before any launch."""
+    emu = emulated["real"]
+    case = CASES["2d_15x9_w4_s2_f64"]  # padded 16 x 12, 2 heads: 384 rows per image
+    rows_per_image = 16 * 12 * case.heads
+    big = replace(case, batch=2**31 // rows_per_image + 1)
+    emu.lib.emu_reset(0)
+    geo, strides = geometry_array(big), torch.zeros(5, dtype=torch.int64)
+    maps = [None, strides.data_ptr()] * 3
+    assert emu.lib.wa_forward(1, geo.data_ptr(), *maps, None, None, None, 1.0, None, None) == 1
+    assert emu.lib.wa_backward(1, geo.data_ptr(), None, strides.data_ptr(), *maps, None, strides.data_ptr(),
+                               *([None] * 4), 1.0, *([None] * 8)) == 1
+    assert emu.launches() == []
+
+
 def test_cases_discriminate(emulated):
     """What the comparisons would catch: on a shifted, padded 2-D and 3-D case, a
     kernel that ignored the shift (or the mask), the padding key / value or the

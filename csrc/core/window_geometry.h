@@ -13,6 +13,12 @@
 // The bias of query position r_i and key r_j is the table row
 // sum_d (r_i,d - r_j,d + W_d - 1) * prod_{e > d} (2 W_e - 1), indexed with the
 // configured window W (its table has prod(2 W - 1) rows).
+//
+// The geometry and the functions below are templates on the index type:
+// int64_t for the CPU kernels (WindowGeometry), int32_t for the CUDA kernels
+// (WindowGeometry32, made by narrow_window_geometry once window_index_extent
+// is below 2^31; 64-bit division is a subroutine call on a GPU, and the values
+// live across it go to the stack). Element offsets stay 64-bit in both.
 #pragma once
 
 #include <cstdint>
@@ -24,18 +30,28 @@ namespace core {
 
 constexpr int kWindowDims = 3;
 
-struct WindowGeometry {
-  int64_t batch = 0, heads = 0, head_dim = 0;
-  int64_t size[kWindowDims] = {1, 1, 1};          // L: the map
-  int64_t window[kWindowDims] = {1, 1, 1};        // w: effective window
-  int64_t shift[kWindowDims] = {0, 0, 0};         // t: effective shift
-  int64_t padded[kWindowDims] = {1, 1, 1};        // P = count * w
-  int64_t count[kWindowDims] = {1, 1, 1};         // windows along the dim
-  int64_t table_window[kWindowDims] = {1, 1, 1};  // W: the configured window (table layout)
-  int64_t tokens = 1;          // N = prod w, tokens per window
-  int64_t windows = 1;         // windows per image = prod count
-  int64_t table_rows = 1;      // prod (2 W - 1)
+template <typename index_t>
+struct BasicWindowGeometry {
+  index_t batch = 0, heads = 0, head_dim = 0;
+  index_t size[kWindowDims] = {1, 1, 1};          // L: the map
+  index_t window[kWindowDims] = {1, 1, 1};        // w: effective window
+  index_t shift[kWindowDims] = {0, 0, 0};         // t: effective shift
+  index_t padded[kWindowDims] = {1, 1, 1};        // P = count * w
+  index_t count[kWindowDims] = {1, 1, 1};         // windows along the dim
+  index_t table_window[kWindowDims] = {1, 1, 1};  // W: the configured window (table layout)
+  index_t tokens = 1;          // N = prod w, tokens per window
+  index_t windows = 1;         // windows per image = prod count
+  index_t table_rows = 1;      // prod (2 W - 1)
   bool masked = false;         // any t > 0
+};
+using WindowGeometry = BasicWindowGeometry<int64_t>;
+using WindowGeometry32 = BasicWindowGeometry<int32_t>;
+
+// The index type of a geometry, as a parameter type that takes part in no
+// deduction (callers may pass any integer for the window and token).
+template <typename index_t>
+struct IndexOf {
+  using type = index_t;
 };
 
 // Element strides of a token map (B, [D,] H, W, heads, head_dim) whose
@@ -72,19 +88,52 @@ inline WindowGeometry window_geometry(int64_t batch, const int64_t* size, int64_
   return g;
 }
 
+// The largest index the CUDA kernels form in 32-bit before an element offset:
+// the tokens of the padded maps of all images and heads (rows, work items,
+// windows x tokens), a window's tokens x head_dim, the table's rows x heads.
+// narrow_window_geometry is exact when it is at most INT32_MAX.
+inline int64_t window_index_extent(const WindowGeometry& g) {
+  const int64_t padded_rows = g.batch * g.padded[0] * g.padded[1] * g.padded[2] * g.heads;
+  const int64_t window_elements = g.tokens * g.head_dim, table_elements = g.table_rows * g.heads;
+  const int64_t a = padded_rows > window_elements ? padded_rows : window_elements;
+  return a > table_elements ? a : table_elements;
+}
+
+inline WindowGeometry32 narrow_window_geometry(const WindowGeometry& g) {
+  WindowGeometry32 n;
+  n.batch = static_cast<int32_t>(g.batch);
+  n.heads = static_cast<int32_t>(g.heads);
+  n.head_dim = static_cast<int32_t>(g.head_dim);
+  for (int d = 0; d < kWindowDims; ++d) {
+    n.size[d] = static_cast<int32_t>(g.size[d]);
+    n.window[d] = static_cast<int32_t>(g.window[d]);
+    n.shift[d] = static_cast<int32_t>(g.shift[d]);
+    n.padded[d] = static_cast<int32_t>(g.padded[d]);
+    n.count[d] = static_cast<int32_t>(g.count[d]);
+    n.table_window[d] = static_cast<int32_t>(g.table_window[d]);
+  }
+  n.tokens = static_cast<int32_t>(g.tokens);
+  n.windows = static_cast<int32_t>(g.windows);
+  n.table_rows = static_cast<int32_t>(g.table_rows);
+  n.masked = g.masked;
+  return n;
+}
+
 // Window `window` (0 .. windows - 1, row-major over count) and in-window token
 // `r` (0 .. tokens - 1, row-major over window) -> in-window position `pos` and
 // map coordinate `coord` per dim. Returns whether the token is real (inside
 // the map) rather than padding.
-MEDMTL_HOST_DEVICE inline bool window_token(const WindowGeometry& g, int64_t window, int64_t r,
-                                            int64_t* pos, int64_t* coord) {
+template <typename index_t>
+MEDMTL_HOST_DEVICE inline bool window_token(const BasicWindowGeometry<index_t>& g,
+                                            typename IndexOf<index_t>::type window,
+                                            typename IndexOf<index_t>::type r, index_t* pos, index_t* coord) {
   bool real = true;
   for (int d = kWindowDims - 1; d >= 0; --d) {
     pos[d] = r % g.window[d];
     r /= g.window[d];
-    const int64_t n = window % g.count[d];
+    const index_t n = window % g.count[d];
     window /= g.count[d];
-    int64_t x = n * g.window[d] + pos[d] + g.shift[d];
+    index_t x = n * g.window[d] + pos[d] + g.shift[d];
     if (x >= g.padded[d]) x -= g.padded[d];
     coord[d] = x;
     real = real && x < g.size[d];
@@ -93,11 +142,12 @@ MEDMTL_HOST_DEVICE inline bool window_token(const WindowGeometry& g, int64_t win
 }
 
 // The inverse for a map coordinate: its window and in-window token.
-MEDMTL_HOST_DEVICE inline void token_window(const WindowGeometry& g, const int64_t* coord, int64_t* window,
-                                            int64_t* r) {
-  int64_t w = 0, t = 0;
+template <typename index_t>
+MEDMTL_HOST_DEVICE inline void token_window(const BasicWindowGeometry<index_t>& g, const index_t* coord,
+                                            index_t* window, index_t* r) {
+  index_t w = 0, t = 0;
   for (int d = 0; d < kWindowDims; ++d) {
-    int64_t p = coord[d] - g.shift[d];
+    index_t p = coord[d] - g.shift[d];
     if (p < 0) p += g.padded[d];
     w = w * g.count[d] + p / g.window[d];
     t = t * g.window[d] + p % g.window[d];
@@ -109,9 +159,11 @@ MEDMTL_HOST_DEVICE inline void token_window(const WindowGeometry& g, const int64
 // The mask region of in-window position `pos` of window `window`: tokens of a
 // window see each other only when their regions are equal (always 0 when no
 // dim is shifted).
-MEDMTL_HOST_DEVICE inline int window_region(const WindowGeometry& g, int64_t window, const int64_t* pos) {
+template <typename index_t>
+MEDMTL_HOST_DEVICE inline int window_region(const BasicWindowGeometry<index_t>& g,
+                                            typename IndexOf<index_t>::type window, const index_t* pos) {
   int label = 0;
-  int64_t n[kWindowDims];
+  index_t n[kWindowDims];
   for (int d = kWindowDims - 1; d >= 0; --d) {
     n[d] = window % g.count[d];
     window /= g.count[d];
@@ -119,7 +171,7 @@ MEDMTL_HOST_DEVICE inline int window_region(const WindowGeometry& g, int64_t win
   for (int d = 0; d < kWindowDims; ++d) {
     int region = 0;
     if (g.shift[d] > 0) {
-      const int64_t p = n[d] * g.window[d] + pos[d];
+      const index_t p = n[d] * g.window[d] + pos[d];
       region = p < g.padded[d] - g.window[d] ? 0 : (p < g.padded[d] - g.shift[d] ? 1 : 2);
     }
     label = label * 3 + region;
@@ -128,11 +180,30 @@ MEDMTL_HOST_DEVICE inline int window_region(const WindowGeometry& g, int64_t win
 }
 
 // The table row of the bias between query position pos_q and key position pos_k.
-MEDMTL_HOST_DEVICE inline int64_t bias_row(const WindowGeometry& g, const int64_t* pos_q, const int64_t* pos_k) {
-  int64_t row = 0;
+template <typename index_t>
+MEDMTL_HOST_DEVICE inline index_t bias_row(const BasicWindowGeometry<index_t>& g, const index_t* pos_q,
+                                           const index_t* pos_k) {
+  index_t row = 0;
   for (int d = 0; d < kWindowDims; ++d)
     row = row * (2 * g.table_window[d] - 1) + (pos_q[d] - pos_k[d] + g.table_window[d] - 1);
   return row;
+}
+
+// bias_row is linear in pos_q - pos_k: with bias_offset(pos) = sum_d pos_d * prod_{e > d} (2 W_e - 1)
+// and bias_center = bias_offset(W - 1), bias_row(pos_q, pos_k) = bias_offset(pos_q) - bias_offset(pos_k)
+// + bias_center (one subtraction per score once each token's offset is known).
+template <typename index_t>
+MEDMTL_HOST_DEVICE inline index_t bias_offset(const BasicWindowGeometry<index_t>& g, const index_t* pos) {
+  index_t offset = 0;
+  for (int d = 0; d < kWindowDims; ++d) offset = offset * (2 * g.table_window[d] - 1) + pos[d];
+  return offset;
+}
+
+template <typename index_t>
+MEDMTL_HOST_DEVICE inline index_t bias_center(const BasicWindowGeometry<index_t>& g) {
+  index_t center = 0;
+  for (int d = 0; d < kWindowDims; ++d) center = center * (2 * g.table_window[d] - 1) + g.table_window[d] - 1;
+  return center;
 }
 
 }  // namespace core

@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "../spatial_attention_checks.h"
+#include "index_range.h"
 #include "spatial_attention_kernel.h"
 #include "tensor_pointers.h"
 
@@ -34,10 +35,9 @@ void check_cuda(const char* op, const char* name, const at::Tensor& t, const at:
               t.device());
 }
 
-// The first maximal channel is kept as an int32.
+// The first maximal channel is kept as an int32; the element index of x is 32-bit.
 void check_channels(const char* op, const at::Tensor& x) {
-  TORCH_CHECK(x.size(1) <= std::numeric_limits<int32_t>::max(), op,
-              ": x must have fewer than 2^31 channels for the CUDA kernels, got ", x.size(1));
+  check_index_range(op, "x", "its number of elements B * C * H * W", x.numel());
 }
 
 at::Tensor spatial_attention_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, bool contiguous_output) {

@@ -96,15 +96,17 @@ __global__ void __launch_bounds__(kPoolThreads) channel_pool_kernel(
   __shared__ acc_t dot_s[kPoolSlices][kPoolPixels];
   __shared__ int arg_s[kPoolSlices][kPoolPixels];
   const int lane = threadIdx.x % kPoolPixels, slice = threadIdx.x / kPoolPixels;
-  const int64_t pixel_blocks = ceil_div(plane, kPoolPixels);
-  for (int64_t blk = blockIdx.x; blk < batch * pixel_blocks; blk += gridDim.x) {
-    const int64_t b = blk / pixel_blocks, q = blk % pixel_blocks * kPoolPixels + lane;
+  // 32-bit index math (the wrapper checked batch * plane < 2^31), 64-bit offsets.
+  const int pixel_blocks = (static_cast<int>(plane) + kPoolPixels - 1) / kPoolPixels;
+  for (int64_t blk64 = blockIdx.x; blk64 < batch * pixel_blocks; blk64 += gridDim.x) {
+    const int blk = static_cast<int>(blk64);
+    const int b = blk / pixel_blocks, q = blk % pixel_blocks * kPoolPixels + lane;
     const bool inside = q < plane;
     acc_t sum = 0, best = 0, dot = 0;
     int best_c = -1;
     if (inside) {
       for (int64_t c = slice; c < channels; c += kPoolSlices) {
-        const int64_t index = (b * channels + c) * plane + q;
+        const int64_t index = (static_cast<int64_t>(b) * channels + c) * plane + q;
         const acc_t v = to_acc(x[index]);
         sum += v;
         channel_max_merge(best, best_c, v, static_cast<int>(c));
@@ -122,10 +124,11 @@ __global__ void __launch_bounds__(kPoolThreads) channel_pool_kernel(
         dot += dot_s[s][lane];
         channel_max_merge(best, best_c, max_s[s][lane], arg_s[s][lane]);
       }
-      pooled[(b * 2) * plane + q] = sum / acc_t(channels);
-      pooled[(b * 2 + 1) * plane + q] = best;
-      if (argmax != nullptr) argmax[b * plane + q] = best_c;
-      if (grad_output != nullptr) grad_gate[b * plane + q] = dot;
+      const int64_t pixel = static_cast<int64_t>(b) * plane + q;
+      pooled[pixel + b * plane] = sum / acc_t(channels);  // (b * 2) * plane + q
+      pooled[pixel + (b + 1) * plane] = best;
+      if (argmax != nullptr) argmax[pixel] = best_c;
+      if (grad_output != nullptr) grad_gate[pixel] = dot;
     }
     __syncthreads();  // the shared arrays are rewritten by the next pixel block
   }
@@ -208,13 +211,17 @@ __global__ void __launch_bounds__(kPixelThreads) grad_x_kernel(
     const acc_type<scalar_t>* __restrict__ grad_pooled, const int32_t* __restrict__ argmax, int64_t batch,
     int64_t channels, int64_t plane, scalar_t* __restrict__ grad_x) {
   using acc_t = acc_type<scalar_t>;
+  // 32-bit index math (the wrapper checked x.numel() < 2^31).
+  const int n = static_cast<int>(batch * channels * plane), hw = static_cast<int>(plane);
+  const int nc = static_cast<int>(channels);
+  const acc_t inv_channels = acc_t(1) / acc_t(channels);  // float64's division is a call: one, here
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < batch * channels * plane;
-       i += stride) {
-    const int64_t q = i % plane, c = i / plane % channels, b = i / (channels * plane);
-    const int64_t pixel = b * plane + q;
-    acc_t v = to_acc(grad_output[i]) * gate[pixel] + grad_pooled[(b * 2) * plane + q] / acc_t(channels);
-    if (argmax[pixel] == c) v += grad_pooled[(b * 2 + 1) * plane + q];
+  for (int64_t i64 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i64 < n; i64 += stride) {
+    const int i = static_cast<int>(i64);
+    const int q = i % hw, bc = i / hw, c = bc % nc, b = bc / nc;
+    const int pixel = b * hw + q;
+    acc_t v = to_acc(grad_output[i]) * gate[pixel] + grad_pooled[pixel + b * hw] * inv_channels;
+    if (argmax[pixel] == c) v += grad_pooled[pixel + (b + 1) * hw];
     grad_x[i] = FromAcc<scalar_t>::cast(v);
   }
 }

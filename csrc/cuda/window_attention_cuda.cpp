@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "../window_attention_checks.h"
+#include "index_range.h"
 #include "tensor_pointers.h"
 #include "window_attention_kernel.h"
 
@@ -24,6 +25,10 @@ void check_cuda(const char* op, const char* name, const at::Tensor& t, const at:
 }
 
 
+// What core::window_index_extent measures.
+constexpr const char* kExtent =
+    "the largest of batch * padded tokens * heads, window tokens * head_dim and table rows * heads";
+
 at::ScalarType lse_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 std::tuple<at::Tensor, at::Tensor> window_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -35,6 +40,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cuda(const at::Tensor& q_in,
   const core::WindowGeometry g = check_window_attention_inputs(op, q_in, k_in, v_in, window_size, shift_size,
                                                                table_in, pad_key_in, pad_value_in, scale);
   check_cuda(op, "q", q_in, q_in);
+  check_index_range(op, "q", kExtent, core::window_index_extent(g));
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const at::Tensor q = with_contiguous_head_dim(q_in), k = with_contiguous_head_dim(k_in),
                    v = with_contiguous_head_dim(v_in);
@@ -63,6 +69,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                                table_in, pad_key_in, pad_value_in, scale);
   check_window_attention_backward_inputs(grad_out_in, q_in, out_in, lse_in);
   check_cuda(op, "q", q_in, q_in);
+  check_index_range(op, "q", kExtent, core::window_index_extent(g));
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const at::Tensor q = with_contiguous_head_dim(q_in), k = with_contiguous_head_dim(k_in),
                    v = with_contiguous_head_dim(v_in);

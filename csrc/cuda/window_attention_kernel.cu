@@ -1,7 +1,9 @@
 // CUDA kernels of medmtl::window_attention and their host launchers (no torch
 // headers). The window index math (which map token is in-window token r of a
 // window, padding, shift regions, bias table rows) is the __host__ __device__
-// code of csrc/core/window_geometry.h, shared with the CPU kernels.
+// code of csrc/core/window_geometry.h, shared with the CPU kernels, here in
+// 32-bit (core::WindowGeometry32: the launchers refuse a geometry whose
+// window_index_extent exceeds INT32_MAX); element offsets are 64-bit.
 //
 // Per window and head: S_ij = scale q_i.k_j + table[bias_row(i, j), h] over
 // the window's N tokens (padded tokens have key pad_key[h] and value
@@ -53,7 +55,10 @@ namespace {
 constexpr int kThreads = 128;  // every kernel's block
 // The forward keeps 4 blocks per SM (<= 128 registers per thread): its accumulators
 // (TQ * TK + TQ * C) / kThreads = 24 per thread fit with the staging loops unrolled.
+// Double (two registers per value, a division and a log that are calls) keeps 3
+// (<= 168 registers): at 128 it spills 24 B around those calls on sm_90.
 constexpr int kForwardBlocksPerSM = 4;
+constexpr int kForwardBlocksPerSMDouble = 3;
 // Tiles (float, half, bfloat16: fp32 accumulation).
 constexpr int kTileQueries = 32;
 constexpr int kTileKeys = 32;
@@ -67,6 +72,7 @@ constexpr int kForwardChunkDouble = 32;
 constexpr int kBackwardChunkDouble = 16;
 constexpr int kSharedBiasRowsDouble = 2560;
 constexpr int64_t kMaxGridX = 2147483647;  // 2^31 - 1
+constexpr int64_t kMaxIndex32 = 2147483647;  // the kernels' index math is 32-bit
 
 static_assert(kThreads % kWarpSize == 0 && kThreads <= 1024, "block size");
 static_assert(kTileKeys <= kThreads && kTileKeysDouble <= kThreads, "one thread per key of a tile");
@@ -90,48 +96,48 @@ constexpr int kReal = 2;     // a token of the map
 
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ __forceinline__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ __forceinline__ constexpr int ceil_div32(int a, int b) { return (a + b - 1) / b; }
+__host__ __device__ __forceinline__ int min32(int a, int b) { return a < b ? a : b; }
 
 __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 __device__ __forceinline__ float log_acc(float x) { return logf(x); }
 __device__ __forceinline__ double log_acc(double x) { return log(x); }
 
-// The tokens of a tile of a window: in-window positions, regions, kinds, and
-// for real tokens the element offsets of the head in two token maps and the
-// row of the contiguous (B, *S, heads) layout.
+// The tokens of a tile of a window: bias offsets (core::bias_offset of the
+// in-window position), regions, kinds, and for real tokens the element offsets of the head in two token maps and the
+// row of the contiguous (B, *S, heads) layout (below window_index_extent).
 template <int T>
 struct TileTokens {
-  int64_t pos[T][core::kWindowDims];
+  int bias[T];
   int64_t off[2][T];
-  int64_t row[T];
+  int row[T];
   int region[T];
   int kind[T];
 };
 
-__device__ __forceinline__ int64_t token_offset(const WindowTokenStrides& s, int64_t b, const int64_t* coord,
-                                                int64_t h) {
+__device__ __forceinline__ int64_t token_offset(const WindowTokenStrides& s, int b, const int* coord, int h) {
   return b * s.batch + coord[0] * s.dim[0] + coord[1] * s.dim[1] + coord[2] * s.dim[2] + h * s.head;
 }
 
-__device__ __forceinline__ int64_t row_index(const core::WindowGeometry& g, int64_t b, const int64_t* coord,
-                                             int64_t h) {
+__device__ __forceinline__ int row_index(const core::WindowGeometry32& g, int b, const int* coord, int h) {
   return (((b * g.size[0] + coord[0]) * g.size[1] + coord[1]) * g.size[2] + coord[2]) * g.heads + h;
 }
 
 // In-window tokens first .. first + T - 1 of window `window` of image b.
 template <int T>
-__device__ void load_tile_tokens(const core::WindowGeometry& g, int64_t b, int64_t window, int64_t h,
-                                 int64_t first, const WindowTokenStrides& s0, const WindowTokenStrides& s1,
-                                 TileTokens<T>& tile) {
+__device__ void load_tile_tokens(const core::WindowGeometry32& g, int b, int window, int h, int first,
+                                 const WindowTokenStrides& s0, const WindowTokenStrides& s1, TileTokens<T>& tile) {
   for (int j = threadIdx.x; j < T; j += kThreads) {
-    const int64_t r = first + j;
+    const int r = first + j;
     if (r >= g.tokens) {
       tile.kind[j] = kNone;
       continue;
     }
-    int64_t coord[core::kWindowDims];
-    const bool real = core::window_token(g, window, r, tile.pos[j], coord);
-    tile.region[j] = core::window_region(g, window, tile.pos[j]);
+    int pos[core::kWindowDims], coord[core::kWindowDims];
+    const bool real = core::window_token(g, window, r, pos, coord);
+    tile.bias[j] = core::bias_offset(g, pos);
+    tile.region[j] = core::window_region(g, window, pos);
     tile.kind[j] = real ? kReal : kPadding;
     if (real) {
       tile.off[0][j] = token_offset(s0, b, coord, h);
@@ -143,7 +149,7 @@ __device__ void load_tile_tokens(const core::WindowGeometry& g, int64_t b, int64
 
 // Whether query i of the query tile attends to key j of the key tile.
 template <int TQ, int TK>
-__device__ __forceinline__ bool visible(const core::WindowGeometry& g, const TileTokens<TQ>& queries,
+__device__ __forceinline__ bool visible(const core::WindowGeometry32& g, const TileTokens<TQ>& queries,
                                         const TileTokens<TK>& keys, int i, int j) {
   return queries.kind[i] == kReal && keys.kind[j] != kNone &&
          (!g.masked || queries.region[i] == keys.region[j]);
@@ -153,8 +159,10 @@ __device__ __forceinline__ bool visible(const core::WindowGeometry& g, const Til
 // Kernels.
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM) window_attention_forward_kernel(
-    const core::WindowGeometry g, const scalar_t* __restrict__ q, const WindowTokenStrides q_strides,
+__global__ void __launch_bounds__(kThreads, std::is_same_v<scalar_t, double> ? kForwardBlocksPerSMDouble
+                                                                             : kForwardBlocksPerSM)
+    window_attention_forward_kernel(
+    const core::WindowGeometry32 g, const scalar_t* __restrict__ q, const WindowTokenStrides q_strides,
     const scalar_t* __restrict__ k, const WindowTokenStrides k_strides, const scalar_t* __restrict__ v,
     const WindowTokenStrides v_strides, const scalar_t* __restrict__ table, const scalar_t* __restrict__ pad_key,
     const scalar_t* __restrict__ pad_value, const acc_type<scalar_t> scale, scalar_t* __restrict__ out,
@@ -171,15 +179,17 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM) window_attentio
   __shared__ TileTokens<TQ> queries;
   __shared__ TileTokens<TK> keys;
   const int tid = threadIdx.x;
-  const int64_t hd = g.head_dim, chunks = ceil_div(hd, C);
-  const int64_t qtiles = ceil_div(g.tokens, TQ), ktiles = ceil_div(g.tokens, TK);
-  const int64_t items = g.batch * g.windows * g.heads * qtiles;
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int64_t qt = item % qtiles, h = item / qtiles % g.heads, bw = item / qtiles / g.heads;
-    const int64_t b = bw / g.windows, w = bw % g.windows;
+  const int hd = g.head_dim, chunks = ceil_div32(hd, C);
+  const int qtiles = ceil_div32(g.tokens, TQ), ktiles = ceil_div32(g.tokens, TK);
+  const int items = g.batch * g.windows * g.heads * qtiles;  // <= window_index_extent
+  const int center = core::bias_center(g);  // bias row = queries.bias - keys.bias + center
+  for (int64_t item64 = blockIdx.x; item64 < items; item64 += gridDim.x) {
+    const int item = static_cast<int>(item64);
+    const int qt = item % qtiles, h = item / qtiles % g.heads, bw = item / qtiles / g.heads;
+    const int b = bw / g.windows, w = bw % g.windows;
     load_tile_tokens(g, b, w, h, qt * TQ, q_strides, q_strides, queries);
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t c0 = c * C;
+    for (int c = 0; c < chunks; ++c) {
+      const int c0 = c * C;
       acc_t o[kOuts];
 #pragma unroll
       for (int m = 0; m < kOuts; ++m) o[m] = acc_t(0);
@@ -189,15 +199,15 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM) window_attentio
           row_sum[i] = acc_t(0);
         }
       }
-      for (int64_t kt = 0; kt < ktiles; ++kt) {
+      for (int kt = 0; kt < ktiles; ++kt) {
         load_tile_tokens(g, b, w, h, kt * TK, k_strides, v_strides, keys);
         acc_t s[kScores];
 #pragma unroll
         for (int m = 0; m < kScores; ++m) s[m] = acc_t(0);
         // The chunks in the order that ends with chunk c (whose v is staged).
-        for (int64_t n = 0; n < chunks; ++n) {
-          const int64_t cc = (c + 1 + n) % chunks, d0 = cc * C;
-          const int dims = static_cast<int>(min64(C, hd - d0));
+        for (int n = 0; n < chunks; ++n) {
+          const int cc = (c + 1 + n) % chunks, d0 = cc * C;
+          const int dims = min32(C, hd - d0);
           const bool with_v = cc == c;
           __syncthreads();  // tokens loaded; the previous chunk's (or tile's) readers are done
           for (int e = tid; e < TQ * C; e += kThreads) {
@@ -211,8 +221,8 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM) window_attentio
               kv = to_acc(k[keys.off[0][j] + d0 + d]);
               if (with_v) vv = to_acc(v[keys.off[1][j] + d0 + d]);
             } else if (d < dims && keys.kind[j] == kPadding) {
-              kv = to_acc(pad_key[h * hd + d0 + d]);
-              if (with_v) vv = to_acc(pad_value[h * hd + d0 + d]);
+              kv = to_acc(pad_key[static_cast<int64_t>(h) * hd + d0 + d]);
+              if (with_v) vv = to_acc(pad_value[static_cast<int64_t>(h) * hd + d0 + d]);
             }
             k_s[j][d] = kv;
             if (with_v) v_s[j][d] = vv;
@@ -236,7 +246,7 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM) window_attentio
             const int i = e / TK, j = e % TK;
             acc_t score = -INFINITY;
             if (visible(g, queries, keys, i, j))
-              score = scale * s[m] + to_acc(table[core::bias_row(g, queries.pos[i], keys.pos[j]) * g.heads + h]);
+              score = scale * s[m] + to_acc(table[(queries.bias[i] - keys.bias[j] + center) * g.heads + h]);
             p_s[i][j] = score;
           }
         }
@@ -292,14 +302,14 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM) window_attentio
           lse[queries.row[i]] = row_lse[i];
         }
       }
-      const int dims_c = static_cast<int>(min64(C, hd - c0));
+      const int dims_c = min32(C, hd - c0);
 #pragma unroll
       for (int m = 0; m < kOuts; ++m) {
         const int e = tid + m * kThreads;
         if (e < TQ * C) {
           const int i = e / C, d = e % C;
           if (queries.kind[i] == kReal && d < dims_c)
-            out[queries.row[i] * hd + c0 + d] = FromAcc<scalar_t>::cast(c == 0 ? o[m] / row_sum[i] : o[m]);
+            out[static_cast<int64_t>(queries.row[i]) * hd + c0 + d] = FromAcc<scalar_t>::cast(c == 0 ? o[m] / row_sum[i] : o[m]);
         }
       }
       __syncthreads();  // row_lse for the next chunk; queries for the next item
@@ -310,17 +320,18 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSM) window_attentio
 // delta[row] = sum_d grad_out[row, d] * out[row, d], rows = (B, *S, heads); one warp per row.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) window_attention_delta_kernel(
-    const core::WindowGeometry g, const scalar_t* __restrict__ grad_out, const WindowTokenStrides go_strides,
+    const core::WindowGeometry32 g, const scalar_t* __restrict__ grad_out, const WindowTokenStrides go_strides,
     const scalar_t* __restrict__ out, const WindowTokenStrides out_strides, acc_type<scalar_t>* __restrict__ delta) {
   using acc_t = acc_type<scalar_t>;
   constexpr int kWarps = kThreads / kWarpSize;
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  const int64_t rows = g.batch * g.size[0] * g.size[1] * g.size[2] * g.heads;
+  const int rows = g.batch * g.size[0] * g.size[1] * g.size[2] * g.heads;  // <= window_index_extent
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp; row < rows; row += stride) {
-    int64_t coord[core::kWindowDims];
-    int64_t rest = row / g.heads;
-    const int64_t h = row % g.heads;
+  for (int64_t row64 = static_cast<int64_t>(blockIdx.x) * kWarps + warp; row64 < rows; row64 += stride) {
+    const int row = static_cast<int>(row64);
+    int coord[core::kWindowDims];
+    int rest = row / g.heads;
+    const int h = row % g.heads;
     for (int d = core::kWindowDims - 1; d >= 0; --d) {
       coord[d] = rest % g.size[d];
       rest /= g.size[d];
@@ -328,7 +339,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_delta_kernel(
     const scalar_t* go = grad_out + token_offset(go_strides, rest, coord, h);
     const scalar_t* o = out + token_offset(out_strides, rest, coord, h);
     acc_t sum = 0;
-    for (int64_t d = lane; d < g.head_dim; d += kWarpSize) sum += to_acc(go[d]) * to_acc(o[d]);
+    for (int d = lane; d < g.head_dim; d += kWarpSize) sum += to_acc(go[d]) * to_acc(o[d]);
     sum = warp_sum(sum);
     if (lane == 0) delta[row] = sum;
   }
@@ -336,7 +347,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_delta_kernel(
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) window_attention_backward_kernel(
-    const core::WindowGeometry g, const scalar_t* __restrict__ grad_out, const WindowTokenStrides go_strides,
+    const core::WindowGeometry32 g, const scalar_t* __restrict__ grad_out, const WindowTokenStrides go_strides,
     const scalar_t* __restrict__ q, const WindowTokenStrides q_strides, const scalar_t* __restrict__ k,
     const WindowTokenStrides k_strides, const scalar_t* __restrict__ v, const WindowTokenStrides v_strides,
     const acc_type<scalar_t>* __restrict__ lse, const acc_type<scalar_t>* __restrict__ delta,
@@ -366,31 +377,33 @@ __global__ void __launch_bounds__(kThreads) window_attention_backward_kernel(
   else
     dq_acc = grad_q_acc;
   const int tid = threadIdx.x;
-  const int64_t hd = g.head_dim, chunks = ceil_div(hd, C), rows = g.table_rows;
-  const int64_t qtiles = ceil_div(g.tokens, TQ), ktiles = ceil_div(g.tokens, TK);
-  const int64_t items = g.batch * g.windows * g.heads;
+  const int hd = g.head_dim, chunks = ceil_div32(hd, C), rows = g.table_rows;
+  const int qtiles = ceil_div32(g.tokens, TQ), ktiles = ceil_div32(g.tokens, TK);
+  const int items = g.batch * g.windows * g.heads;  // <= window_index_extent
+  const int center = core::bias_center(g);  // bias row = queries.bias - keys.bias + center
   const bool shared_hist = rows <= BR;
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int64_t h = item % g.heads, bw = item / g.heads;
-    const int64_t b = bw / g.windows, w = bw % g.windows;
-    acc_t* hist = shared_hist ? hist_s : table_partial + bw * rows * g.heads + h;
-    const int64_t hist_stride = shared_hist ? 1 : g.heads;
-    acc_t* pad_k = pad_key_partial + (bw * g.heads + h) * hd;
-    acc_t* pad_v = pad_value_partial + (bw * g.heads + h) * hd;
-    for (int64_t r = tid; r < rows; r += kThreads) hist[r * hist_stride] = acc_t(0);
-    for (int64_t d = tid; d < hd; d += kThreads) {
+  for (int64_t item64 = blockIdx.x; item64 < items; item64 += gridDim.x) {
+    const int item = static_cast<int>(item64);
+    const int h = item % g.heads, bw = item / g.heads;
+    const int b = bw / g.windows, w = bw % g.windows;
+    acc_t* hist = shared_hist ? hist_s : table_partial + static_cast<int64_t>(bw) * rows * g.heads + h;
+    const int hist_stride = shared_hist ? 1 : g.heads;
+    acc_t* pad_k = pad_key_partial + static_cast<int64_t>(item) * hd;  // item = bw * heads + h
+    acc_t* pad_v = pad_value_partial + static_cast<int64_t>(item) * hd;
+    for (int r = tid; r < rows; r += kThreads) hist[r * hist_stride] = acc_t(0);
+    for (int d = tid; d < hd; d += kThreads) {
       pad_k[d] = acc_t(0);
       pad_v[d] = acc_t(0);
     }
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t c0 = c * C;
-      const int dims_c = static_cast<int>(min64(C, hd - c0));
-      for (int64_t kt = 0; kt < ktiles; ++kt) {
+    for (int c = 0; c < chunks; ++c) {
+      const int c0 = c * C;
+      const int dims_c = min32(C, hd - c0);
+      for (int kt = 0; kt < ktiles; ++kt) {
         __syncthreads();  // the previous tile's readers of keys, k_s, v_s are done
         load_tile_tokens(g, b, w, h, kt * TK, k_strides, v_strides, keys);
         acc_t dk[kKeyOuts], dv[kKeyOuts];
         for (int m = 0; m < kKeyOuts; ++m) dk[m] = dv[m] = acc_t(0);
-        for (int64_t qt = 0; qt < qtiles; ++qt) {
+        for (int qt = 0; qt < qtiles; ++qt) {
           __syncthreads();  // the previous query tile's readers are done
           load_tile_tokens(g, b, w, h, qt * TQ, q_strides, go_strides, queries);
           for (int i = tid; i < TQ; i += kThreads) {
@@ -401,9 +414,9 @@ __global__ void __launch_bounds__(kThreads) window_attention_backward_kernel(
           acc_t s[kScores], dp[kScores];
           for (int m = 0; m < kScores; ++m) s[m] = dp[m] = acc_t(0);
           // The chunks in the order that ends with chunk c (kept for the updates).
-          for (int64_t n = 0; n < chunks; ++n) {
-            const int64_t cc = (c + 1 + n) % chunks, d0 = cc * C;
-            const int dims = static_cast<int>(min64(C, hd - d0));
+          for (int n = 0; n < chunks; ++n) {
+            const int cc = (c + 1 + n) % chunks, d0 = cc * C;
+            const int dims = min32(C, hd - d0);
             __syncthreads();
             for (int e = tid; e < TQ * C; e += kThreads) {
               const int i = e / C, d = e % C;
@@ -418,8 +431,8 @@ __global__ void __launch_bounds__(kThreads) window_attention_backward_kernel(
                 kv = to_acc(k[keys.off[0][j] + d0 + d]);
                 vv = to_acc(v[keys.off[1][j] + d0 + d]);
               } else if (d < dims && keys.kind[j] == kPadding) {
-                kv = to_acc(pad_key[h * hd + d0 + d]);
-                vv = to_acc(pad_value[h * hd + d0 + d]);
+                kv = to_acc(pad_key[static_cast<int64_t>(h) * hd + d0 + d]);
+                vv = to_acc(pad_value[static_cast<int64_t>(h) * hd + d0 + d]);
               }
               k_s[j][d] = kv;
               v_s[j][d] = vv;
@@ -446,7 +459,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_backward_kernel(
               acc_t p = 0, ds = 0;
               if (visible(g, queries, keys, i, j)) {
                 const acc_t bias =
-                    to_acc(table[core::bias_row(g, queries.pos[i], keys.pos[j]) * g.heads + h]);
+                    to_acc(table[(queries.bias[i] - keys.bias[j] + center) * g.heads + h]);
                 p = exp_acc(scale * s[m] + bias - q_lse[i]);
                 ds = p * (dp[m] - q_delta[i]);
               }
@@ -461,7 +474,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_backward_kernel(
               if (queries.kind[i] != kReal) continue;  // uniform over the block
               for (int j = tid; j < TK; j += kThreads)
                 if (visible(g, queries, keys, i, j))
-                  hist[core::bias_row(g, queries.pos[i], keys.pos[j]) * hist_stride] += ds_s[i][j];
+                  hist[(queries.bias[i] - keys.bias[j] + center) * hist_stride] += ds_s[i][j];
               __syncthreads();
             }
           }
@@ -470,6 +483,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_backward_kernel(
             if (e < TK * C) {
               const int j = e / C, d = e % C;
               acc_t a = 0, bv = 0;
+#pragma unroll 4
               for (int i = 0; i < TQ; ++i) {
                 a += ds_s[i][j] * q_s[i][d];
                 bv += p_s[i][j] * do_s[i][d];
@@ -482,9 +496,10 @@ __global__ void __launch_bounds__(kThreads) window_attention_backward_kernel(
             const int i = e / C, d = e % C;
             if (queries.kind[i] != kReal || d >= dims_c) continue;
             acc_t a = 0;
+#pragma unroll 4
             for (int j = 0; j < TK; ++j) a += ds_s[i][j] * k_s[j][d];
             a *= scale;
-            acc_t* dst = dq_acc + queries.row[i] * hd + c0 + d;
+            acc_t* dst = dq_acc + static_cast<int64_t>(queries.row[i]) * hd + c0 + d;
             *dst = kt == 0 ? a : *dst + a;
           }
         }
@@ -496,8 +511,9 @@ __global__ void __launch_bounds__(kThreads) window_attention_backward_kernel(
           if (e < TK * C) {
             const int j = e / C, d = e % C;
             if (keys.kind[j] == kReal && d < dims_c) {
-              grad_k[keys.row[j] * hd + c0 + d] = FromAcc<scalar_t>::cast(scale * dk[m]);
-              grad_v[keys.row[j] * hd + c0 + d] = FromAcc<scalar_t>::cast(dv[m]);
+              const int64_t index = static_cast<int64_t>(keys.row[j]) * hd + c0 + d;
+              grad_k[index] = FromAcc<scalar_t>::cast(scale * dk[m]);
+              grad_v[index] = FromAcc<scalar_t>::cast(dv[m]);
             }
             if (any_padding) {
               const bool pad = keys.kind[j] == kPadding;
@@ -520,20 +536,22 @@ __global__ void __launch_bounds__(kThreads) window_attention_backward_kernel(
         }
       }
     }
-    __syncthreads();  // dq_acc and hist complete
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-      for (int64_t e = tid; e < g.tokens * hd; e += kThreads) {
-        const int64_t r = e / hd, d = e % hd;
-        int64_t pos[core::kWindowDims], coord[core::kWindowDims];
-        if (!core::window_token(g, w, r, pos, coord)) continue;
-        const int64_t index = row_index(g, b, coord, h) * hd + d;
-        grad_q[index] = FromAcc<scalar_t>::cast(grad_q_acc[index]);
-      }
-    }
+    __syncthreads();  // hist complete (16-bit types: window_attention_cast_kernel converts dq_acc)
     if (shared_hist)
-      for (int64_t r = tid; r < rows; r += kThreads) table_partial[(bw * rows + r) * g.heads + h] = hist_s[r];
+      for (int r = tid; r < rows; r += kThreads)
+        table_partial[(static_cast<int64_t>(bw) * rows + r) * g.heads + h] = hist_s[r];
     __syncthreads();  // hist_s and the tiles are rewritten by the next item
   }
+}
+
+// grad_q = grad_q_acc, element by element (16-bit types: the backward kernel
+// accumulates dQ in fp32 scratch of grad_q's contiguous layout).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) window_attention_cast_kernel(const acc_type<scalar_t>* __restrict__ src,
+                                                                         scalar_t* __restrict__ dst, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride)
+    dst[i] = FromAcc<scalar_t>::cast(src[i]);
 }
 
 // ---------------------------------------------------------------------------
@@ -566,9 +584,10 @@ cudaError_t launch_window_attention_forward(const core::WindowGeometry& g, const
   using namespace window_attention_detail;
   using acc_t = acc_type<scalar_t>;
   if (g.batch == 0) return cudaSuccess;
+  if (core::window_index_extent(g) > kMaxIndex32) return cudaErrorInvalidValue;
   const int64_t items = g.batch * g.windows * g.heads * ceil_div(g.tokens, Tiles<acc_t>::queries);
   window_attention_forward_kernel<scalar_t><<<grid_for(items), kThreads, 0, stream>>>(
-      g, q, qs, k, ks, v, vs, table, pad_key, pad_value, static_cast<acc_t>(scale), out, lse);
+      core::narrow_window_geometry(g), q, qs, k, ks, v, vs, table, pad_key, pad_value, static_cast<acc_t>(scale), out, lse);
   return cudaGetLastError();
 }
 
@@ -584,14 +603,23 @@ cudaError_t launch_window_attention_backward(
   using namespace window_attention_detail;
   using acc_t = acc_type<scalar_t>;
   if (g.batch == 0) return cudaSuccess;
+  if (core::window_index_extent(g) > kMaxIndex32) return cudaErrorInvalidValue;
+  const core::WindowGeometry32 g32 = core::narrow_window_geometry(g);
   const int64_t rows = g.batch * g.size[0] * g.size[1] * g.size[2] * g.heads;
   window_attention_delta_kernel<scalar_t><<<grid_for(ceil_div(rows, kThreads / kWarpSize)), kThreads, 0, stream>>>(
-      g, grad_out, gos, out, outs, delta);
+      g32, grad_out, gos, out, outs, delta);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   window_attention_backward_kernel<scalar_t><<<grid_for(g.batch * g.windows * g.heads), kThreads, 0, stream>>>(
-      g, grad_out, gos, q, qs, k, ks, v, vs, lse, delta, table, pad_key, pad_value, static_cast<acc_t>(scale),
+      g32, grad_out, gos, q, qs, k, ks, v, vs, lse, delta, table, pad_key, pad_value, static_cast<acc_t>(scale),
       grad_q, grad_k, grad_v, grad_q_acc, table_partial, pad_key_partial, pad_value_partial);
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    const int64_t n = window_attention_workspace<scalar_t>(g).grad_q_acc_elements;
+    window_attention_cast_kernel<scalar_t><<<grid_for(ceil_div(n, kThreads)), kThreads, 0, stream>>>(grad_q_acc,
+                                                                                                   grad_q, n);
+  }
   return cudaGetLastError();
 }
 

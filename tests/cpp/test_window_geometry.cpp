@@ -1,5 +1,6 @@
 // The shifted-window index math against Swin's definition: pad at the end,
 // roll by -shift, cut into windows; regions as Swin's mask slices them.
+#include <algorithm>
 #include <vector>
 
 #include "check.h"
@@ -19,6 +20,10 @@ int swin_region(int64_t p, int64_t padded, int64_t w, int64_t s) {
 
 void check_geometry(const int64_t* size, const int64_t* window_cfg, const int64_t* shift_cfg) {
   const WindowGeometry g = window_geometry(2, size, 3, 4, window_cfg, shift_cfg);
+  CHECK(window_index_extent(g) == std::max(2 * g.padded[0] * g.padded[1] * g.padded[2] * 3,
+                                           std::max(g.tokens * 4, g.table_rows * 3)));
+  const WindowGeometry32 g32 = narrow_window_geometry(g);
+  CHECK(g32.tokens == g.tokens && g32.windows == g.windows && g32.table_rows == g.table_rows);
   int64_t tokens = 1, windows = 1, rows = 1;
   for (int d = 0; d < kWindowDims; ++d) {
     const bool whole = size[d] <= window_cfg[d];
@@ -58,8 +63,22 @@ void check_geometry(const int64_t* size, const int64_t* window_cfg, const int64_
         expected = expected * 3 + swin_region(n * g.window[d] + pos[d], g.padded[d], g.window[d], g.shift[d]);
       }
       CHECK(window_region(g, w, pos) == expected);
+      // The 32-bit copy the CUDA kernels use gives the same tokens, regions and bias offsets.
+      int32_t pos32[kWindowDims], coord32[kWindowDims];
+      CHECK(window_token(g32, static_cast<int32_t>(w), static_cast<int32_t>(r), pos32, coord32) == real);
+      for (int d = 0; d < kWindowDims; ++d) CHECK(pos32[d] == pos[d] && coord32[d] == coord[d]);
+      CHECK(window_region(g32, static_cast<int32_t>(w), pos32) == expected);
+      CHECK(bias_offset(g32, pos32) == bias_offset(g, pos));
     }
   for (int h : hits) CHECK(h == 1);
+  // bias_row(q, k) = bias_offset(q) - bias_offset(k) + bias_center, for every pair of positions.
+  for (int64_t a = 0; a < g.tokens; ++a)
+    for (int64_t b = 0; b < g.tokens; ++b) {
+      int64_t pa[kWindowDims], pb[kWindowDims], coord[kWindowDims];
+      window_token(g, 0, a, pa, coord);
+      window_token(g, 0, b, pb, coord);
+      CHECK(bias_row(g, pa, pb) == bias_offset(g, pa) - bias_offset(g, pb) + bias_center(g));
+    }
   // Bias rows: offsets (q - k + W - 1) in mixed radix (2W - 1), in range.
   int64_t pq[kWindowDims] = {0, 0, 0}, pk[kWindowDims] = {0, 0, 0};
   for (int d = 0; d < kWindowDims; ++d) pq[d] = g.window[d] - 1;

@@ -15,19 +15,23 @@
 namespace medmtl {
 namespace core {
 
-MEDMTL_HOST_DEVICE inline int64_t adaptive_bin_start(int64_t bin, int64_t in, int64_t out) {
+template <typename index_t>
+MEDMTL_HOST_DEVICE inline index_t adaptive_bin_start(index_t bin, index_t in, index_t out) {
   return (bin * in) / out;
 }
 
-MEDMTL_HOST_DEVICE inline int64_t adaptive_bin_end(int64_t bin, int64_t in, int64_t out) {
+template <typename index_t>
+MEDMTL_HOST_DEVICE inline index_t adaptive_bin_end(index_t bin, index_t in, index_t out) {
   return ((bin + 1) * in + out - 1) / out;
 }
 
-MEDMTL_HOST_DEVICE inline int64_t first_bin_containing(int64_t pos, int64_t in, int64_t out) {
+template <typename index_t>
+MEDMTL_HOST_DEVICE inline index_t first_bin_containing(index_t pos, index_t in, index_t out) {
   return (pos * out) / in;
 }
 
-MEDMTL_HOST_DEVICE inline int64_t last_bin_containing(int64_t pos, int64_t in, int64_t out) {
+template <typename index_t>
+MEDMTL_HOST_DEVICE inline index_t last_bin_containing(index_t pos, index_t in, index_t out) {
   return ((pos + 1) * out + in - 1) / in - 1;
 }
 

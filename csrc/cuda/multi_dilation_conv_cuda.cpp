@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "../multi_dilation_conv_checks.h"
+#include "index_range.h"
 #include "multi_dilation_conv_kernel.h"
 #include "tensor_pointers.h"
 
@@ -45,6 +46,8 @@ void check_sizes(const char* op, const MultiDilationConvShape& shape) {
   TORCH_CHECK(shape.height < kMax && shape.width < kMax && shape.branches * 9 < kMax,
               op, ": x's spatial sizes and the number of branches must fit 32-bit tap indices, got H = ",
               shape.height, ", W = ", shape.width, ", n = ", shape.branches);
+  // The conv and grad_bias kernels index the pixels of the batch in 32-bit.
+  check_index_range(op, "x", "its number of pixels B * H * W", shape.batch * shape.height * shape.width);
 }
 
 at::Tensor multi_dilation_conv_cuda(const at::Tensor& x_in, const at::Tensor& weight, at::IntArrayRef dilations,

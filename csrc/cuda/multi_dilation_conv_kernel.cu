@@ -57,6 +57,9 @@ constexpr int kTileW = 16;
 constexpr int kOutTile = 16;
 constexpr int kRedChunk = 16;
 constexpr int kConvThreads = kTileH * kTileW;
+// 3 blocks (24 warps) per SM, <= 85 registers: spill-free for every dtype on sm_80 and
+// sm_90 (without a minimum ptxas picked 48 - 64 registers and spilled 4 - 40 B).
+constexpr int kConvBlocksPerSM = 3;
 // grad_weight blocks: a kWeightTileOut x kWeightTileIn tile of one tap's
 // (Cout x Cin) gradient, kPixelChunk pixels staged per step.
 constexpr int kWeightTileOut = 16;
@@ -120,7 +123,7 @@ struct ConvParams {
 // W[tap][r][c] * in[b, tap.in_channel + r, h + dy, w + dx] (+ acc_in) + bias[c]);
 // with acc_out set, the raw sum goes there instead (no bias, no activation).
 template <typename scalar_t>
-__global__ void __launch_bounds__(kConvThreads) dilated_taps_conv_kernel(
+__global__ void __launch_bounds__(kConvThreads, kConvBlocksPerSM) dilated_taps_conv_kernel(
     const scalar_t* __restrict__ in, const scalar_t* __restrict__ weight,
     const scalar_t* __restrict__ bias, ConvParams p, TapList taps, bool relu,
     const acc_type<scalar_t>* acc_in, acc_type<scalar_t>* acc_out, scalar_t* __restrict__ out) {
@@ -130,14 +133,18 @@ __global__ void __launch_bounds__(kConvThreads) dilated_taps_conv_kernel(
   const int64_t plane = p.height * p.width;
   const int64_t out_tiles = ceil_div(p.out_channels, kOutTile);
   const bool out_contiguous = p.weight_out_stride == 1;
-  for (int64_t bt = blockIdx.x; bt < p.batch * p.tiles; bt += gridDim.x) {
-    const int64_t b = bt / p.tiles, tile = bt % p.tiles;
-    const int64_t h0 = tile / p.tiles_w * kTileH, w0 = tile % p.tiles_w * kTileW;
+  // 32-bit index math (the wrapper checked B * H * W < 2^31); 64-bit offsets.
+  const int tiles = static_cast<int>(p.tiles), tiles_w = static_cast<int>(p.tiles_w);
+  const int out_tiles32 = static_cast<int>(out_tiles);
+  for (int64_t bt64 = blockIdx.x; bt64 < p.batch * p.tiles; bt64 += gridDim.x) {
+    const int bt = static_cast<int>(bt64);
+    const int b = bt / tiles, tile = bt % tiles;
+    const int64_t h0 = tile / tiles_w * kTileH, w0 = tile % tiles_w * kTileW;
     const int64_t h1 = min64(h0 + kTileH, p.height), w1 = min64(w0 + kTileW, p.width);
     const int64_t h = h0 + tid / kTileW, w = w0 + tid % kTileW;
     const bool inside = h < p.height && w < p.width;
     for (int64_t gy = blockIdx.y; gy < p.groups * out_tiles; gy += gridDim.y) {
-      const int64_t g = gy / out_tiles, o0 = gy % out_tiles * kOutTile;
+      const int g = static_cast<int>(gy) / out_tiles32, o0 = static_cast<int>(gy) % out_tiles32 * kOutTile;
       const int n_out = static_cast<int>(min64(kOutTile, p.out_channels - o0));
       acc_t acc[kOutTile];
 #pragma unroll
@@ -208,11 +215,14 @@ __global__ void __launch_bounds__(kBiasThreads) grad_pre_bias_kernel(
     int64_t batch, int64_t channels, int64_t plane, scalar_t* __restrict__ grad_pre,
     acc_type<scalar_t>* __restrict__ bias_partial) {
   using acc_t = acc_type<scalar_t>;
+  // 32-bit index math (the wrapper checked B * H * W < 2^31); 64-bit offsets.
   const int64_t count = batch * plane, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int hw = static_cast<int>(plane);
   for (int64_t c = blockIdx.y; c < channels; c += gridDim.y) {
     acc_t sum = 0;
-    for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < count; k += stride) {
-      const int64_t index = (k / plane * channels + c) * plane + k % plane;
+    for (int64_t k64 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k64 < count; k64 += stride) {
+      const int k = static_cast<int>(k64);
+      const int64_t index = (static_cast<int64_t>(k / hw) * channels + c) * hw + k % hw;
       acc_t g = to_acc(grad_output[index]);
       if (relu) {
         if (to_acc(output[index]) <= acc_t(0)) g = acc_t(0);  // torch.relu's rule: NaN passes

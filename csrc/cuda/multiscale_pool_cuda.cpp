@@ -7,10 +7,13 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include "../multiscale_pool_checks.h"
+#include "index_range.h"
 #include "multiscale_pool_kernel.h"
 #include "tensor_pointers.h"
 
@@ -52,6 +55,27 @@ const cuda_scalar_t<scalar_t>* param_ptr(const at::Tensor& p, int64_t offset) {
   return p.defined() ? device_ptr<scalar_t>(p, offset) : nullptr;
 }
 
+// The backward kernel's 32-bit index math: planes (B * C), positions in a plane and the
+// adaptive-bin products (position + 1) * (output size + 1).
+void check_backward_index_range(at::TensorList features, at::IntArrayRef output_sizes) {
+  const char* op = "multiscale_pool_backward";
+  int64_t largest_size = 0;
+  for (int64_t s : output_sizes) largest_size = std::max(largest_size, s);
+  for (size_t i = 0; i < features.size(); ++i) {
+    const at::Tensor& x = features[i];
+    const std::string name = "features[" + std::to_string(i) + "]";
+    int64_t extent = 0, plane = 1;
+    for (int64_t d = 2; d < x.dim(); ++d) {
+      extent = std::max(extent, x.size(d));
+      plane *= x.size(d);
+    }
+    check_index_range(op, name.c_str(), "its number of planes B * C", x.size(0) * x.size(1));
+    check_index_range(op, name.c_str(), "its plane size", plane);
+    check_index_range(op, name.c_str(), "(largest spatial size + 1) * (largest output size + 1)",
+                      (extent + 1) * (largest_size + 1));
+  }
+}
+
 void check_on_cuda(const at::Tensor& first, const char* op) {
   TORCH_CHECK(first.is_cuda(), op, ": features must be CUDA tensors for the CUDA kernels, got ",
               first.device());
@@ -89,6 +113,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> multiscale_pool_back
   const MultiscalePoolLayout layout = check_multiscale_pool_backward_inputs(
       grad_output, features, output_sizes, mode, scale, shift);
   check_on_cuda(features[0], "multiscale_pool_backward");
+  check_backward_index_range(features, output_sizes);
   TORCH_CHECK(grad_output.device() == features[0].device(),
               "multiscale_pool_backward: grad_output must be on the features' device ",
               features[0].device(), ", got ", grad_output.device());

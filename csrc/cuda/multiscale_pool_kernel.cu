@@ -26,6 +26,9 @@ namespace {
 
 constexpr int kMaxForwardThreads = 256;
 constexpr int kBackwardThreads = 256;
+// 3 blocks (24 warps) per SM, <= 85 registers: spill-free on sm_80 and sm_90 with
+// the 32-bit index math (without a minimum ptxas picked 48 - 64 and spilled).
+constexpr int kBackwardBlocksPerSM = 3;
 constexpr int64_t kMaxGridX = 2147483647;  // 2^31 - 1
 constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kBackwardTargetBlocks = 2048;  // enough blocks to fill any current GPU
@@ -171,7 +174,7 @@ struct SizeList {
 // with grad_scratch set, the kernel stores the pooled gradient there and stops,
 // else it finishes: grad_x and the partial sums partial[plane * gridDim.x + chunk].
 template <typename scalar_t, bool kMax>
-__global__ void __launch_bounds__(kBackwardThreads) multiscale_pool_backward_kernel(
+__global__ void __launch_bounds__(kBackwardThreads, kBackwardBlocksPerSM) multiscale_pool_backward_kernel(
     const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ x,
     const scalar_t* __restrict__ scale, const scalar_t* __restrict__ shift, bool relu,
     int64_t planes, int64_t channels, int64_t depth, int64_t height, int64_t width, bool three_d,
@@ -181,39 +184,41 @@ __global__ void __launch_bounds__(kBackwardThreads) multiscale_pool_backward_ker
     acc_type<scalar_t>* __restrict__ grad_scale_partial,
     acc_type<scalar_t>* __restrict__ grad_shift_partial) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t plane_size = depth * height * width;
+  // 32-bit index math (the wrapper checked B * C, the plane size and (extent + 1) *
+  // (output size + 1) against 2^31); 64-bit offsets.
+  const int L0 = static_cast<int>(depth), L1 = static_cast<int>(height), L2 = static_cast<int>(width);
+  const int plane_size = L0 * L1 * L2, nc = static_cast<int>(channels);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t p = blockIdx.y; p < planes; p += gridDim.y) {
-    const int64_t c = p % channels, b = p / channels;
+    const int c = static_cast<int>(p) % nc, b = static_cast<int>(p) / nc;
     const acc_t sc = param_or(scale, c, acc_t(1)), sh = param_or(shift, c, acc_t(0));
     const scalar_t* go = grad_output + b * out_row + level_col;
     acc_t sum_scale = 0, sum_shift = 0;
-    for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < plane_size;
-         e += stride) {
+    for (int64_t e64 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e64 < plane_size;
+         e64 += stride) {
+      const int e = static_cast<int>(e64);
       const int64_t index = p * plane_size + e;
-      const int64_t w = e % width, r = e / width, h = r % height, d = r / height;
+      const int w = e % L2, r = e / L2, h = r % L1, d = r / L1;
       acc_t gt = grad_in != nullptr ? grad_in[index] : acc_t(0);
-      for (int64_t k = 0; k < sizes.count; ++k) {
-        const int64_t s = sizes.s[k], od = three_d ? s : 1, bins = od * s * s;
+      for (int k = 0; k < sizes.count; ++k) {
+        const int s = static_cast<int>(sizes.s[k]), od = three_d ? s : 1;
+        const int64_t bins = static_cast<int64_t>(od) * s * s;
         const scalar_t* gk = go + channels * sizes.offset[k] + c * bins;
-        const int64_t bd_last = core::last_bin_containing(d, depth, od);
-        const int64_t bh_last = core::last_bin_containing(h, height, s);
-        const int64_t bw_first = core::first_bin_containing(w, width, s);
-        const int64_t bw_last = core::last_bin_containing(w, width, s);
-        for (int64_t bd = core::first_bin_containing(d, depth, od); bd <= bd_last; ++bd) {
-          const int64_t nd = core::adaptive_bin_end(bd, depth, od) -
-                             core::adaptive_bin_start(bd, depth, od);
-          for (int64_t bh = core::first_bin_containing(h, height, s); bh <= bh_last; ++bh) {
-            const int64_t nh = core::adaptive_bin_end(bh, height, s) -
-                               core::adaptive_bin_start(bh, height, s);
-            const int64_t row = (bd * s + bh) * s;
-            for (int64_t bw = bw_first; bw <= bw_last; ++bw) {
+        const int bd_last = core::last_bin_containing(d, L0, od);
+        const int bh_last = core::last_bin_containing(h, L1, s);
+        const int bw_first = core::first_bin_containing(w, L2, s);
+        const int bw_last = core::last_bin_containing(w, L2, s);
+        for (int bd = core::first_bin_containing(d, L0, od); bd <= bd_last; ++bd) {
+          const int nd = core::adaptive_bin_end(bd, L0, od) - core::adaptive_bin_start(bd, L0, od);
+          for (int bh = core::first_bin_containing(h, L1, s); bh <= bh_last; ++bh) {
+            const int nh = core::adaptive_bin_end(bh, L1, s) - core::adaptive_bin_start(bh, L1, s);
+            const int row = (bd * s + bh) * s;  // < bins
+            for (int bw = bw_first; bw <= bw_last; ++bw) {
               if constexpr (kMax) {
                 if (argmax[p * bins_per_channel + sizes.offset[k] + row + bw] == e)
                   gt += to_acc(gk[row + bw]);
               } else {
-                const int64_t nw = core::adaptive_bin_end(bw, width, s) -
-                                   core::adaptive_bin_start(bw, width, s);
+                const int nw = core::adaptive_bin_end(bw, L2, s) - core::adaptive_bin_start(bw, L2, s);
                 gt += to_acc(gk[row + bw]) / acc_t(nd * nh * nw);
               }
             }

@@ -74,24 +74,21 @@ def test_blocks_per_sm_arithmetic():
     assert kr.blocks_per_sm(32, 4, 100 * 1024, 80) == 1
 
 
-# CUDA kernels (name as demangled, archs) still over the register budget or with a stack
-# frame. All of them spill a few dozen bytes around calls to the 64-bit integer division
-# routine (their index math divides int64s; the values live across a call go to the
-# stack), the window attention backward in the tile loops (csrc/core's window_token),
-# the others in their grid-stride index decomposition; the backward also needs 162 - 255
-# registers (docs/gpu_expectations.md). Any other kernel failing here is a regression.
+# No CUDA kernel may have a stack frame (their index math is 32-bit: a 64-bit division is
+# a subroutine call, and the values live across it went to the stack). Hot kernels allowed
+# above the 128-register budget (name as demangled -> {arch: most registers}), with the
+# occupancy arithmetic in docs/gpu_expectations.md:
+#  - the window attention backward holds a 32 x 32 score tile (S and dP) and the key tile's
+#    dK, dV in registers: 128 on sm_80, 206 - 214 on sm_90 (2 blocks per SM; ptxas made to
+#    keep 3 or 4 spills 64 - 270 B);
+#  - the float64 forward (two registers per value) keeps 3 blocks per SM on sm_90: <= 168.
+_WA_FORWARD = "window_attention::window_attention_forward_kernel"
 _WA_BACKWARD = "window_attention::window_attention_backward_kernel"
-CUDA_EXCEPTIONS = {
-    **{f"{_WA_BACKWARD}<{t}>": (80, 90) for t in ("float", "double", "__half", "__nv_bfloat16")},
-    **{f"multiscale_pool_backward_kernel<{t}, true>": (80,) for t in ("float", "__half", "__nv_bfloat16")},
-    "multiscale_pool_backward_kernel<double, true>": (80, 90),
-    **{f"spatial_attention::channel_pool_kernel<{t}>": (80,) for t in ("float", "double", "__half", "__nv_bfloat16")},
-    "spatial_attention::grad_x_kernel<double>": (80, 90),
-    "multi_dilation_conv::grad_pre_bias_kernel<double>": (80,),
-    "multi_dilation_conv::dilated_taps_conv_kernel<double>": (90,),
+CUDA_REGISTER_EXCEPTIONS = {
+    **{f"{_WA_BACKWARD}<{t}>": {90: 255} for t in ("float", "double", "__half", "__nv_bfloat16")},
+    f"{_WA_FORWARD}<double>": {90: 168},
 }
-CUDA_HOT_KERNELS = ("window_attention::window_attention_forward_kernel", _WA_BACKWARD,
-                    "multi_dilation_conv::dilated_taps_conv_kernel")
+CUDA_HOT_KERNELS = (_WA_FORWARD, _WA_BACKWARD, "multi_dilation_conv::dilated_taps_conv_kernel")
 
 
 @pytest.mark.skipif(not extension_has_cuda(), reason="the extension was built without CUDA kernels")
@@ -103,12 +100,11 @@ def test_cuda_kernels_have_no_stack_frame_and_hot_ones_fit_the_budget():
     for r in rows:
         base = r["kernel"].split("<")[0]
         where = f"{r['kernel']} sm_{r['cc']}"
-        if r["cc"] in CUDA_EXCEPTIONS.get(r["kernel"], ()):
-            continue
         if r["stack"] > 0:
             problems.append(f"{where}: {r['stack']} B stack frame")
-        if base in CUDA_HOT_KERNELS and r["registers"] > REGISTER_BUDGET:
-            problems.append(f"{where}: {r['registers']} registers")
+        budget = CUDA_REGISTER_EXCEPTIONS.get(r["kernel"], {}).get(r["cc"], REGISTER_BUDGET)
+        if base in CUDA_HOT_KERNELS and r["registers"] > budget:
+            problems.append(f"{where}: {r['registers']} registers (at most {budget})")
     assert not problems, "\n".join(problems)
 
 

@@ -59,6 +59,14 @@ constexpr int kThreads = 128;  // every kernel's block
 // (<= 168 registers): at 128 it spills 24 B around those calls on sm_90.
 constexpr int kForwardBlocksPerSM = 4;
 constexpr int kForwardBlocksPerSMDouble = 3;
+// The backward fits 128 registers on sm_80 (4 blocks by registers; its 44.8 KB of shared
+// memory allow 3). On sm_90 ptxas needs 206 - 214 for the same code (2 blocks): at 168 or
+// 128 it spills 64 - 270 B (docs/gpu_expectations.md).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr int kBackwardBlocksPerSM = 2;
+#else
+constexpr int kBackwardBlocksPerSM = 4;
+#endif
 // Tiles (float, half, bfloat16: fp32 accumulation).
 constexpr int kTileQueries = 32;
 constexpr int kTileKeys = 32;
@@ -346,7 +354,7 @@ __global__ void __launch_bounds__(kThreads) window_attention_delta_kernel(
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) window_attention_backward_kernel(
+__global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM) window_attention_backward_kernel(
     const core::WindowGeometry32 g, const scalar_t* __restrict__ grad_out, const WindowTokenStrides go_strides,
     const scalar_t* __restrict__ q, const WindowTokenStrides q_strides, const scalar_t* __restrict__ k,
     const WindowTokenStrides k_strides, const scalar_t* __restrict__ v, const WindowTokenStrides v_strides,
@@ -438,17 +446,18 @@ __global__ void __launch_bounds__(kThreads) window_attention_backward_kernel(
               v_s[j][d] = vv;
             }
             __syncthreads();
-            for (int m = 0; m < kScores; ++m) {
-              const int e = tid + m * kThreads;
-              if (e < TQ * TK) {
-                const int i = e / TK, j = e % TK;
-                acc_t dot = 0, dot_v = 0;
-                for (int d = 0; d < dims; ++d) {
-                  dot += q_s[i][d] * k_s[j][d];
-                  dot_v += do_s[i][d] * v_s[j][d];
+            // Score m of this thread is element tid + m * kThreads of the TQ x TK tile, d
+            // outermost: with kThreads a multiple of TK its key is the same for every m, so
+            // each k_s / v_s value is read once per d.
+            for (int d = 0; d < dims; ++d) {
+#pragma unroll
+              for (int m = 0; m < kScores; ++m) {
+                const int e = tid + m * kThreads;
+                if (e < TQ * TK) {
+                  const int i = e / TK, j = (kThreads % TK == 0 ? tid : e) % TK;
+                  s[m] += q_s[i][d] * k_s[j][d];
+                  dp[m] += do_s[i][d] * v_s[j][d];
                 }
-                s[m] += dot;
-                dp[m] += dot_v;
               }
             }
           }

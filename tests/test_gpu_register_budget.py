@@ -80,7 +80,7 @@ def test_blocks_per_sm_arithmetic():
 # occupancy arithmetic in docs/gpu_expectations.md:
 #  - the window attention backward holds a 32 x 32 score tile (S and dP) and the key tile's
 #    dK, dV in registers: 128 on sm_80, 206 - 214 on sm_90 (2 blocks per SM; ptxas made to
-#    keep 3 or 4 spills 64 - 270 B);
+#    keep 3 or 4 spills 64 - 216 B);
 #  - the float64 forward (two registers per value) keeps 3 blocks per SM on sm_90: <= 168.
 _WA_FORWARD = "window_attention::window_attention_forward_kernel"
 _WA_BACKWARD = "window_attention::window_attention_backward_kernel"

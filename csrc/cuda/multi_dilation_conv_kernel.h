@@ -9,6 +9,8 @@
 // The weight is passed PACKED as (n, 3, 3, Cin, Cout) contiguous, i.e.
 // weight.permute(0, 3, 4, 2, 1): tap (ky, kx) of branch i is then one
 // Cin x Cout matrix whose rows the kernels stage with coalesced loads.
+// The conv and grad_bias kernels index the batch's pixels in 32-bit: the caller
+// checks B * H * W < 2^31 (csrc/cuda/index_range.h).
 #pragma once
 
 #include <cuda_bf16.h>

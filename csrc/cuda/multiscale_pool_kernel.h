@@ -8,6 +8,9 @@
 //   level_col + C * size_offset[k] + c * bins_k + bin
 // of the (B, out_row) output, bins_k = s_k^spatial_dims, bins in row-major
 // order. scale and shift point at the level's first channel (nullptr: 1 / 0).
+// The backward kernel indexes in 32-bit: the caller checks B * C, the plane size
+// and (largest spatial size + 1) * (largest output size + 1) against 2^31
+// (csrc/cuda/index_range.h).
 #pragma once
 
 #include <cuda_bf16.h>

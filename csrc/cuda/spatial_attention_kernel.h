@@ -6,6 +6,8 @@
 //
 // Layouts: x, out, grad_output, grad_x (B, C, H, W) and weight (1, 2, K, K),
 // all contiguous; K odd, the convolution padded by K / 2.
+// The kernels index x's elements in 32-bit: the caller checks x.numel() < 2^31
+// (csrc/cuda/index_range.h).
 #pragma once
 
 #include <cuda_bf16.h>

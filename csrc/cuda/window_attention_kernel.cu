@@ -59,9 +59,9 @@ constexpr int kThreads = 128;  // every kernel's block
 // (<= 168 registers): at 128 it spills 24 B around those calls on sm_90.
 constexpr int kForwardBlocksPerSM = 4;
 constexpr int kForwardBlocksPerSMDouble = 3;
-// The backward fits 128 registers on sm_80 (4 blocks by registers; its 44.8 KB of shared
+// The backward fits 128 registers on sm_80 (4 blocks by registers; its 43.3 KB of shared
 // memory allow 3). On sm_90 ptxas needs 206 - 214 for the same code (2 blocks): at 168 or
-// 128 it spills 64 - 270 B (docs/gpu_expectations.md).
+// 128 it spills (stack frames of 64 - 216 B; docs/gpu_expectations.md).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 constexpr int kBackwardBlocksPerSM = 2;
 #else

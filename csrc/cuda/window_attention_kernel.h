@@ -13,7 +13,10 @@
 // the delta scratch are contiguous (B, *S, heads) in acc_type. The bias table
 // is contiguous (table_rows, heads); pad_key and pad_value contiguous
 // (heads, head_dim). The window geometry (effective window, shift, padding,
-// regions, bias rows) is core::WindowGeometry, csrc/core/window_geometry.h.
+// regions, bias rows) is core::WindowGeometry, csrc/core/window_geometry.h;
+// the kernels use its 32-bit copy, so both launchers return
+// cudaErrorInvalidValue, launching nothing, when core::window_index_extent of
+// the geometry exceeds INT32_MAX (the torch wrappers check it first).
 #pragma once
 
 #include <cuda_bf16.h>

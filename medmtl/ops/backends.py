@@ -6,8 +6,12 @@ Every op has the backends `reference` (plain PyTorch, the oracle), `cpu` (C++),
 the first available of the op's entry in `GPU_PREFERENCE`, else `reference`.
 
 Choose with `medmtl.set_backend(name)`, `with medmtl.backend(name): ...` or
-the environment variable MEDMTL_BACKEND (read at import). The choice is
-process-wide (a module global, so torch.compile guards on it).
+the environment variable MEDMTL_BACKEND (read at import). `set_backend` and
+the variable set the process-wide choice; `with medmtl.backend(...)` overrides
+it for the current thread only, until the block ends (so two threads nesting
+it never leave each other's choice in force). torch.compile guards on both
+(a module global and an attribute of a module-level threading.local), so a
+compiled function recompiles when the choice in force changes.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -49,29 +54,39 @@ def _check_name(name: object, what: str) -> str:
     return name
 
 
-_current: str = _check_name(os.environ.get("MEDMTL_BACKEND", "auto"), "MEDMTL_BACKEND")
+_process_backend: str = _check_name(os.environ.get("MEDMTL_BACKEND", "auto"), "MEDMTL_BACKEND")
+
+# The innermost `with backend(...)` of each thread (attribute `name`; absent or
+# None outside any block), which takes precedence over _process_backend.
+_scoped = threading.local()
 
 
 def get_backend() -> str:
-    """The backend name in force (`auto` unless one was set)."""
-    return _current
+    """The backend name in force in this thread (`auto` unless one was set)."""
+    scoped = getattr(_scoped, "name", None)
+    return _process_backend if scoped is None else scoped
 
 
 def set_backend(name: str) -> None:
-    """Sets the backend for every op: one of auto, reference, cpu, cuda, triton."""
-    global _current
-    _current = _check_name(name, "backend")
+    """Sets the backend for every op in every thread: one of auto, reference, cpu, cuda, triton.
+
+    Inside a `with medmtl.backend(...)` block the block's choice stays in force
+    in its thread until the block ends.
+    """
+    global _process_backend
+    _process_backend = _check_name(name, "backend")
 
 
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[None]:
-    """`with medmtl.backend("cpu"): ...` runs the block with that backend."""
-    global _current
-    previous, _current = _current, _check_name(name, "backend")
+    """`with medmtl.backend("cpu"): ...` runs the block with that backend, in this thread only."""
+    chosen = _check_name(name, "backend")
+    previous = getattr(_scoped, "name", None)
+    _scoped.name = chosen
     try:
         yield
     finally:
-        _current = previous
+        _scoped.name = previous
 
 
 def register_op(name: str, backends: tuple[str, ...]) -> None:
@@ -132,7 +147,7 @@ def resolve_backend(op: str, device: torch.device) -> str:
 
     Raises BackendUnavailableError when the chosen backend cannot run it.
     """
-    name = _current
+    name = get_backend()
     if name == "auto":
         if device.type == "cpu":
             return "cpu" if unavailable_reason(op, "cpu", device) is None else "reference"

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -55,12 +56,20 @@ inline MultiscalePoolLayout check_multiscale_pool_inputs(
     layout.channels.push_back(x.size(1));
   }
   TORCH_CHECK(!output_sizes.empty(), "multiscale_pool: output_sizes must be a non-empty list of positive ints, got []");
+  // Bins per channel (sum of s^d) below 2^31, as the Python checks: the kernels
+  // index a channel's bins in int32. s <= 46340 first, so s * s * s cannot overflow.
+  constexpr int64_t kMaxOutputSize = 46340, kMaxBinsPerChannel = (int64_t{1} << 31) - 1;
   for (int64_t s : output_sizes) {
     TORCH_CHECK(s > 0, "multiscale_pool: output_sizes must hold positive ints, got ", output_sizes);
+    TORCH_CHECK(s <= kMaxOutputSize, "multiscale_pool: output_sizes must each be at most ", kMaxOutputSize,
+                " (s^2 bins per channel must fit int32), got ", output_sizes);
     layout.size_offset.push_back(layout.bins_per_channel);
     int64_t bins = s * s;
     if (layout.spatial_dims == 3) bins *= s;
     layout.bins_per_channel += bins;
+    TORCH_CHECK(layout.bins_per_channel <= kMaxBinsPerChannel, "multiscale_pool: output_sizes must give at most ",
+                kMaxBinsPerChannel, " bins per channel (the sum of s^", layout.spatial_dims, "), got ",
+                output_sizes);
   }
   TORCH_CHECK(mode == "avg" || mode == "max", "multiscale_pool: mode must be 'avg' or 'max', got '",
               std::string(mode), "'");
@@ -78,6 +87,9 @@ inline MultiscalePoolLayout check_multiscale_pool_inputs(
   }
   for (int64_t c : layout.channels) {
     layout.output_offset.push_back(layout.total_columns);
+    TORCH_CHECK(c <= (std::numeric_limits<int64_t>::max() - layout.total_columns) / layout.bins_per_channel,
+                "multiscale_pool: the output of features (channels ", layout.channels, ") pooled to output_sizes ",
+                output_sizes, " has more columns than int64 holds");
     layout.total_columns += c * layout.bins_per_channel;
   }
   return layout;

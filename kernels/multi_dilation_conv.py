@@ -59,6 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
+from medmtl.kernels._index_limits import check_int32_span
 from medmtl.ops._layout import laid_out_like, output_memory_format
 
 # Pixel tile of every convolution kernel: TILE_H x TILE_W pixels, the M (or K) dimension of tl.dot.
@@ -344,6 +345,16 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _check_index_range(where: str, x: torch.Tensor, weight: torch.Tensor, combine: str) -> None:
+    """The int32 index assumption (module docstring): one batch item of x and of the
+    output, and the weight, fewer than 2^31 elements each."""
+    B, Cin, H, W = x.shape
+    n, Cout = weight.shape[:2]
+    check_int32_span(where, "x", Cin * H * W)
+    check_int32_span(where, "output", (n * Cout if combine == "concat" else Cout) * H * W)
+    check_int32_span(where, "weight", weight.numel(), "in all")
+
+
 def _tap_major(weight: torch.Tensor) -> torch.Tensor:
     """(n, Cout, Cin, 3, 3) -> (n, 3, 3, Cin, Cout) contiguous."""
     return weight.permute(0, 3, 4, 2, 1).contiguous()
@@ -379,6 +390,7 @@ def multi_dilation_conv_forward(
     Returns:
         (B, Cout, H, W) for "sum", (B, n * Cout, H, W) for "concat", in x's dtype.
     """
+    _check_index_range("multi_dilation_conv", x, weight, combine)
     out_format = output_memory_format(x)
     x = x.contiguous()
     B, Cin, H, W = x.shape
@@ -423,6 +435,7 @@ def multi_dilation_conv_backward(
         branches), grad_bias (Cout,) for "sum" / (n * Cout,) for "concat": the sum of
         the pre-activation's gradient over batch and pixels), in x's dtype.
     """
+    _check_index_range("multi_dilation_conv_backward", x, weight, combine)
     x_in, weight_in = x, weight
     x = x.contiguous()
     B, Cin, H, W = x.shape

@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from medmtl.kernels._index_limits import check_int32_span
+
 # Forward tiles (BLOCK_BINS, BLOCK_K) of 1024 elements: BLOCK_K is the smallest of these
 # that holds the largest bin (else 1024, looping), BLOCK_BINS = 1024 // BLOCK_K.
 FORWARD_TILE = 1024
@@ -317,6 +319,18 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _check_index_range(where: str, features: list[torch.Tensor], output_sizes: list[int]) -> None:
+    """The int32 index assumption (module docstring): each plane, and each level's
+    (plane, bin) rows for every size, fewer than 2^31."""
+    for i, x in enumerate(features):
+        D, H, W = _spatial(x)
+        check_int32_span(where, f"features[{i}]", D * H * W, "per plane (D*H*W)")
+        for s in output_sizes:
+            bins = s ** (x.dim() - 2)
+            check_int32_span(where, f"features[{i}] with output_sizes {s}", x.shape[0] * x.shape[1] * bins,
+                             "in pooled rows (B*C*s^d)")
+
+
 def _launch_forward(x, scale, shift, out, idx, out_col, channel_offset, size, is_max, relu):
     """Pools one contiguous level x to size^d bins into out[:, out_col:out_col + C * size^d]."""
     B, C = x.shape[:2]
@@ -350,6 +364,7 @@ def multiscale_pool_forward(
     Returns:
         (B, sum_i C_i * sum_s s^d) in the features' dtype.
     """
+    _check_index_range("multiscale_pool", features, output_sizes)
     features = [x.contiguous() for x in features]
     first = features[0]
     dims = first.dim() - 2
@@ -388,6 +403,7 @@ def multiscale_pool_backward(
         grad_shift (sum_i C_i,)), all in the features' dtype. grad_scale and grad_shift
         are computed with scale = 1, shift = 0 when those are None.
     """
+    _check_index_range("multiscale_pool_backward", features, output_sizes)
     features = [x.contiguous() for x in features]
     grad_output = grad_output.contiguous()
     first = features[0]

@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from medmtl.kernels._index_limits import check_int32_span
 from medmtl.ops._layout import laid_out_like
 
 POOL_BLOCK = 256
@@ -262,6 +263,11 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _check_index_range(where: str, x: torch.Tensor) -> None:
+    """The int32 index assumption (module docstring): one batch item (C*H*W) fewer than 2^31."""
+    check_int32_span(where, "x", x.shape[1:].numel())
+
+
 def _pool_and_gate(x: torch.Tensor, weight: torch.Tensor, store_arg: bool):
     """pooled (B, 2, H, W), argmax (B, H, W) int32 (unwritten unless store_arg), gate (B, H, W);
     x contiguous, the maps in the accumulation dtype."""
@@ -293,6 +299,7 @@ def spatial_attention_forward(x: torch.Tensor, weight: torch.Tensor, contiguous_
     Returns:
         x * sigmoid(conv2d(cat(mean_c x, max_c x), weight, padding=K // 2)), (B, C, H, W), x's dtype.
     """
+    _check_index_range("spatial_attention", x)
     x_in, x = x, x.contiguous()
     weight = weight.to(x.dtype).contiguous()
     B, C, H, W = x.shape
@@ -321,6 +328,7 @@ def spatial_attention_backward(
     Returns:
         (grad_x like x, grad_weight (1, 2, K, K)), in x's dtype.
     """
+    _check_index_range("spatial_attention_backward", x)
     x_in, weight_in, x = x, weight, x.contiguous()
     dtype = x.dtype
     weight = weight.to(dtype).contiguous()

@@ -90,6 +90,8 @@ import torch
 import triton
 import triton.language as tl
 
+from medmtl.kernels._index_limits import check_int32_span, sample_span
+
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, dtype and BLOCK_D: queries x keys
 # per tile (see the docstring). Float64 runs in the interpreter only (warps, stages unused).
 _F16, _BF16, _F32, _F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -461,6 +463,14 @@ def _strides(t: torch.Tensor) -> list[int]:
     return list(t.stride()[:5])
 
 
+def _check_index_range(where: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor) -> None:
+    """The int32 index assumption (module docstring): the strides (the span of one
+    batch item) of q, k, v and the table's size fit int32."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_int32_span(where, name, sample_span(t))
+    check_int32_span(where, "table", table.numel(), "in all")
+
+
 def _check_dtypes(q, k, v):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"window_attention: the triton backend takes float16, bfloat16, float32 or float64, "
@@ -491,6 +501,7 @@ def window_attention_forward(
         float32 (float64 for float64): the log-sum-exp of each query's visible scores.
     """
     _check_dtypes(q, k, v)
+    _check_index_range("window_attention", q, k, v, table)
     dtype, device = q.dtype, q.device
     acc_dtype = _acc_dtype(dtype)
     geo = _Geometry(q, window_size, shift_size)
@@ -535,6 +546,7 @@ def window_attention_backward(
         grad_pad_value are summed with atomic adds: not bitwise deterministic.
     """
     _check_dtypes(q, k, v)
+    _check_index_range("window_attention_backward", q, k, v, table)
     dtype, device = q.dtype, q.device
     acc_dtype = _acc_dtype(dtype)
     geo = _Geometry(q, window_size, shift_size)

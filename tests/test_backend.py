@@ -13,6 +13,7 @@ import torch
 import medmtl
 from medmtl.ops import BackendUnavailableError, multiscale_pool, resolve_backend
 from medmtl.ops import backends as backend_module
+from tests.conftest import GPU_PRESENT, requires_extension, requires_triton
 
 
 def test_set_backend_and_scope_restore():
@@ -63,7 +64,7 @@ def test_reference_backend_runs_the_reference():
     torch.testing.assert_close(out, x.mean((2, 3)))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
+@pytest.mark.skipif(torch.cuda.is_available(), reason=f"{GPU_PRESENT}: checks the error raised without one")
 def test_cuda_backend_without_gpu_says_why():
     with medmtl.backend("cuda"), pytest.raises(BackendUnavailableError) as info:
         multiscale_pool([torch.randn(1, 2, 3, 3)])
@@ -72,7 +73,7 @@ def test_cuda_backend_without_gpu_says_why():
     assert any(words in message for words in ("no CUDA GPU", "without CUDA kernels", "not built"))
 
 
-@pytest.mark.skipif(backend_module.triton_error() is not None, reason="triton is not installed")
+@requires_triton
 def test_triton_on_cpu_tensors_without_interpreter_says_why():
     done = _python(
         "import torch, medmtl\n"
@@ -113,3 +114,94 @@ def test_command_line_info():
     done = subprocess.run([sys.executable, "-m", "medmtl", "info"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "multiscale_pool" in done.stdout and "backend in force: auto" in done.stdout
+
+
+def test_backend_scope_is_per_thread():
+    """Two threads nest `with medmtl.backend(...)` with interleaved exits: each sees
+    its own choice, and the process-wide one is left as it was. (With one global,
+    thread A's exit would restore `auto` under thread B's block, and B's exit would
+    then leave `reference`, A's choice, in force for good.)"""
+    import threading
+
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, list[str]] = {"a": [], "b": []}
+    errors: list[BaseException] = []
+
+    def thread_a():
+        try:
+            with medmtl.backend("reference"):
+                a_in.set()
+                b_in.wait(10)
+                seen["a"].append(medmtl.get_backend())
+            a_out.set()
+            seen["a"].append(medmtl.get_backend())
+        except BaseException as e:  # surfaced in the main thread
+            errors.append(e)
+            a_out.set()
+
+    def thread_b():
+        try:
+            a_in.wait(10)
+            with medmtl.backend("cpu"):
+                b_in.set()
+                a_out.wait(10)
+                seen["b"].append(medmtl.get_backend())
+            seen["b"].append(medmtl.get_backend())
+        except BaseException as e:
+            errors.append(e)
+            b_in.set()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert seen == {"a": ["reference", "auto"], "b": ["cpu", "auto"]}
+    assert medmtl.get_backend() == "auto"
+
+
+def test_set_backend_is_process_wide_and_scopes_override_it_per_thread():
+    import threading
+
+    medmtl.set_backend("reference")
+    seen = []
+    with medmtl.backend("cpu"):
+        thread = threading.Thread(target=lambda: seen.append(medmtl.get_backend()))
+        thread.start()
+        thread.join()
+        assert medmtl.get_backend() == "cpu"
+    assert seen == ["reference"]  # another thread sees the process-wide choice, not this block's
+    assert medmtl.get_backend() == "reference"
+
+
+@requires_extension
+def test_torch_compile_guards_on_the_scoped_backend_per_thread():
+    """A compiled function recompiles when the backend in force changes, also when
+    the change is a `with medmtl.backend(...)` in another thread."""
+    import threading
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: multiscale_pool([x], (1,)), backend=record, fullgraph=True)
+    x = torch.randn(1, 2, 3, 3)
+    with medmtl.backend("reference"):
+        compiled(x)
+    used_op = []
+
+    def in_thread():
+        with medmtl.backend("cpu"):
+            compiled(x)
+        used_op.append(any("medmtl.multiscale_pool" in t for t in graphs[-1]))
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join()
+    assert len(graphs) == 2, "no recompile for the other thread's backend"
+    assert not any("medmtl" in t for t in graphs[0])
+    assert used_op == [True]

@@ -98,6 +98,7 @@ struct Cache {
       auto oldest = entries.end();
       for (auto e = entries.begin(); e != entries.end(); ++e)
         if (e->value.defined() && (oldest == entries.end() || e->last_use < oldest->last_use)) oldest = e;
+      if (oldest == entries.end()) break;  // only sightings (0 bytes) left: nothing to drop
       entries.erase(oldest);
     }
     entries.push_back({key, value, bytes, ++clock});

@@ -17,6 +17,12 @@ from medmtl.ops.backends import register_op, resolve_backend
 
 OP_NAME = "multiscale_pool"
 MODES = ("avg", "max")
+# Bins per channel (sum over output_sizes of s^d) must be fewer than 2^31, as in
+# the C++ checks (csrc/multiscale_pool_checks.h): the kernels index a channel's
+# bins in int32, and s*s*s must not overflow on the way. Each s alone is at most
+# 46340 (s^2 < 2^31), checked before the spatial dims are known.
+MAX_BINS_PER_CHANNEL = 2**31 - 1
+MAX_OUTPUT_SIZE = 46340
 ACTIVATIONS = (None, "relu")
 
 register_op(OP_NAME, ("reference", "cpu", "cuda", "triton"))
@@ -90,6 +96,10 @@ def _check_inputs(features, output_sizes, mode, scale, shift, activation):
             raise ValueError(f"multiscale_pool: features[{i}] must have non-empty channel and spatial "
                              f"dimensions, got shape {tuple(x.shape)}")
     sizes = check_pool_options(output_sizes, mode, activation, "multiscale_pool")
+    bins = sum(s ** (first.dim() - 2) for s in sizes)
+    if bins > MAX_BINS_PER_CHANNEL:
+        raise ValueError(f"multiscale_pool: output_sizes must give at most {MAX_BINS_PER_CHANNEL} bins per channel "
+                         f"(the sum of s^{first.dim() - 2}), got {output_sizes!r} ({bins} bins)")
     for name, param in (("scale", scale), ("shift", shift)):
         if param is None:
             continue
@@ -118,6 +128,9 @@ def check_pool_options(output_sizes, mode, activation, where: str) -> list[int]:
             or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes)):
         raise ValueError(f"{where}: output_sizes must be a positive int or a non-empty sequence "
                          f"of them, got {output_sizes!r}")
+    if any(s > MAX_OUTPUT_SIZE for s in sizes):
+        raise ValueError(f"{where}: output_sizes must each be at most {MAX_OUTPUT_SIZE} (s^2 bins per channel "
+                         f"must fit int32), got {output_sizes!r}")
     if mode not in MODES:
         raise ValueError(f"{where}: mode must be 'avg' or 'max', got {mode!r}")
     if activation not in ACTIVATIONS:

@@ -19,7 +19,8 @@ $(VENV)/.deps: pyproject.toml
 	# medmtl's own dependencies (pyproject.toml; the editable install below takes --no-deps).
 	$(PIP) install -q "monai>=1.3" scipy "torchmetrics>=1.0" "faster-coco-eval>=1.6" tqdm "matplotlib>=3.7" \
 		pyyaml pillow "pydicom>=2.4" "nibabel>=5"
-	$(PIP) install -q "pytest>=8" "hypothesis>=6" expecttest
+	# triton is pinned (pyproject test extras): the Triton tests must run, not skip, in CI.
+	$(PIP) install -q "pytest>=8" "hypothesis>=6" expecttest "triton==3.8.0"
 	# Test-only oracles: the layers are checked against MONAI's and timm's Swin attention.
 	# (einops: MONAI's SwinUNETR needs it; medmtl.accelerate is tested against it.)
 	$(PIP) install -q "timm>=1.0" einops

@@ -2,16 +2,13 @@
 against the reference (medmtl.ops.reference.multi_dilation_conv under autograd), and
 compiled ahead of time for sm_80 and sm_90 (no GPU needed).
 
-TRITON_INTERPRET=1 must be set before triton is imported, hence at the top.
+tests/conftest.py sets TRITON_INTERPRET=1 (no GPU) before triton is imported; with a GPU
+the launcher tests here are skipped (tests/test_gpu_backends.py runs the kernels compiled)
+and the ahead-of-time compiles still run.
 The interpreter is slow: shapes are tiny. The kernels' pixel tiles are 8x8, so maps
 of 10x9 have several tiles, and dilations of 3 to 8 make taps that some tiles skip
 (their window lies outside the map) and others do not.
 """
-
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # also set by tests/conftest.py
-
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -19,17 +16,12 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="the triton backend needs triton (pip install 'medmtl[triton]')")
 
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
 import medmtl.ops  # noqa: E402
 from medmtl.kernels import multi_dilation_conv as kernels  # noqa: E402
 from medmtl.ops import reference  # noqa: E402
 from tests import triton_aot  # noqa: E402
 from tests.ties import zero_ties  # noqa: E402
 
-if not isinstance(kernels.multi_dilation_conv_forward_kernel, InterpretedFunction):
-    pytest.skip("these tests run the Triton kernels on CPU tensors in Triton's interpreter, and "
-                "TRITON_INTERPRET=0 was set; run them with TRITON_INTERPRET=1", allow_module_level=True)
 
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-4, rtol=1e-4)}
 # (B, Cin, Cout, H, W, dilations): one 8x8 tile with a 1x1 branch, a dilation skipping the

@@ -2,14 +2,11 @@
 against the reference (medmtl.ops.reference.multiscale_pool under autograd), and
 compiled ahead of time for sm_80 and sm_90 (no GPU needed).
 
-TRITON_INTERPRET=1 must be set before triton is imported, hence at the top.
+tests/conftest.py sets TRITON_INTERPRET=1 (no GPU) before triton is imported; with a GPU
+the launcher tests here are skipped (tests/test_gpu_backends.py runs the kernels compiled)
+and the ahead-of-time compiles still run.
 The interpreter is slow: shapes are tiny.
 """
-
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # also set by tests/conftest.py
-
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -17,17 +14,12 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="the triton backend needs triton (pip install 'medmtl[triton]')")
 
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
 import medmtl.ops  # noqa: E402
 from medmtl.kernels import multiscale_pool as kernels  # noqa: E402
 from medmtl.ops import reference  # noqa: E402
 from tests import triton_aot  # noqa: E402
 from tests.ties import kink_between, spaced_normal  # noqa: E402
 
-if not isinstance(kernels.multiscale_pool_forward_kernel, InterpretedFunction):
-    pytest.skip("these tests run the Triton kernels on CPU tensors in Triton's interpreter, and "
-                "TRITON_INTERPRET=0 was set; run them with TRITON_INTERPRET=1", allow_module_level=True)
 
 # A 2-D and a 3-D pyramid: several levels of different sizes, odd sizes, and
 # output sizes larger than the input (9 on 7x5 and 4x6; 4 on 5x4x3 and 3x3x2).

@@ -10,7 +10,7 @@ import torch
 
 import medmtl
 from medmtl.layers import WindowAttention
-from tests.conftest import requires_extension
+from tests.conftest import requires_extension, triton_device
 
 monai_swin = pytest.importorskip("monai.networks.nets.swin_unetr")
 timm_swin = pytest.importorskip("timm.models.swin_transformer")
@@ -161,12 +161,14 @@ def test_bad_input_shape():
 
 @pytest.mark.parametrize("spatial, window, shift", [((9, 6), (4, 4), (2, 2)), ((3, 4, 5), (2, 3, 3), (1, 1, 1))])
 def test_triton_backend_layer_matches_reference(spatial, window, shift):
-    """The layer on the Triton kernels (interpreter): output and every parameter's gradient."""
+    """The layer on the Triton kernels (interpreted without a GPU, else compiled): output
+    and every parameter's gradient."""
     pytest.importorskip("triton")
     nd = len(spatial)
     layer = WindowAttention(8, 2, window, shift, spatial_dims=nd)
     randomize(layer, 4)
-    x = torch.randn(1, *spatial, 8)
+    layer.to(triton_device())
+    x = torch.randn(1, *spatial, 8).to(triton_device())
     results = {}
     for backend in ("reference", "triton"):
         layer.zero_grad()

@@ -2,17 +2,14 @@
 against the reference (medmtl.ops.reference.window_attention under autograd), and
 compiled ahead of time for sm_80 and sm_90 (no GPU needed).
 
-TRITON_INTERPRET=1 must be set before triton is imported, hence at the top.
+tests/conftest.py sets TRITON_INTERPRET=1 (no GPU) before triton is imported; with a GPU
+the launcher tests here are skipped (tests/test_gpu_backends.py runs the kernels compiled)
+and the ahead-of-time compiles still run.
 The interpreter is slow: maps are tiny. Tiles are 32 x 32 tokens in float32 and
 16 x 16 in float64, so windows of 49 and 81 tokens (7x7, 9x9) span several query
 and key blocks (online softmax across blocks, partial last blocks); in float32,
 windows of up to 32 tokens are one partial block.
 """
-
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # also set by tests/conftest.py
-
 
 import math  # noqa: E402
 
@@ -22,17 +19,12 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="the triton backend needs triton (pip install 'medmtl[triton]')")
 
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
 import medmtl  # noqa: E402
 import medmtl.ops  # noqa: E402
 from medmtl.kernels import window_attention as kernels  # noqa: E402
 from medmtl.ops import reference  # noqa: E402
 from tests import triton_aot  # noqa: E402
 
-if not isinstance(kernels.window_attention_forward_kernel, InterpretedFunction):
-    pytest.skip("these tests run the Triton kernels on CPU tensors in Triton's interpreter, and "
-                "TRITON_INTERPRET=0 was set; run them with TRITON_INTERPRET=1", allow_module_level=True)
 
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-4, rtol=1e-4)}
 GRAD_NAMES = ("q", "k", "v", "table", "pad_key", "pad_value")

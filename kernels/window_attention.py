@@ -14,8 +14,8 @@ csrc/core/window_geometry.h (its header comment is authoritative):
     t_d = 0, else 0 for p < P - w, 1 for p < P - t, 2 after.
     bias(i, j) = table[sum_d (pos_i,d - pos_j,d + W_d - 1) prod_{e > d} (2 W_e - 1), h].
 
-Per window and head (N = prod w tokens): S_ij = scale q_i.k_j + bias(i, j), -inf
-for keys of another region; P = softmax_j S; out_i = sum_j P_ij v_j;
+Per window and head (N = prod w tokens): S_ij = scale q_i.k_j + bias(i, j), and
+REGION_MASK (-100, Swin's additive mask) more for keys of another region; P = softmax_j S; out_i = sum_j P_ij v_j;
 lse_i = logsumexp_j S_ij. 2-D maps run as 3-D ones with depth 1 (window 1, shift 0).
 
 Flash-attention style: no padded, rolled or partitioned copy of the maps and no
@@ -113,6 +113,9 @@ _BLOCK_DS = (32, 64)
 MAX_HEAD_DIM = _BLOCK_DS[-1]
 # Copies of the float32 grad-table accumulator (spread the atomic contention).
 TABLE_COPIES = 8
+# Swin's additive attention mask on the scores of keys of another shift region
+# (the reference and timm add -100, not -inf; csrc/core/window_geometry.h kRegionMask).
+REGION_MASK = tl.constexpr(-100.0)
 
 
 # --------------------------------------------------------------------------
@@ -244,9 +247,10 @@ def window_attention_forward_kernel(
         kt = _gather_keys(k_ptr, b, xk0, xk1, xk2, h, skb, sk0, sk1, sk2, skh, d, k_real, k_pad, d_ok, pad_k,
                           True)                                                  # (BLOCK_D, BLOCK_N)
         s = tl.dot(q, kt, input_precision="ieee", out_dtype=acc_ty) * scale
-        ok = q_in[:, None] & k_in[None, :] & (q_label[:, None] == k_label[None, :])
+        ok = q_in[:, None] & k_in[None, :]
         bias = tl.load(table + (q_base[:, None] - k_base[None, :] + bias_c), mask=ok, other=0.0)
-        s = tl.where(ok, s + bias.to(acc_ty), float("-inf"))
+        bias = bias.to(acc_ty) + tl.where(q_label[:, None] == k_label[None, :], 0.0, REGION_MASK)
+        s = tl.where(ok, s + bias, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -311,10 +315,11 @@ def window_attention_backward_dq_kernel(
         vt = _gather_keys(v_ptr, b, xk0, xk1, xk2, h, svb, sv0, sv1, sv2, svh, d, k_real, k_pad, d_ok, pad_v,
                           True)                                                  # (BLOCK_D, BLOCK_N)
         s = tl.dot(q, kt, input_precision="ieee", out_dtype=acc_ty) * scale
-        ok = q_real[:, None] & k_in[None, :] & (q_label[:, None] == k_label[None, :])
+        ok = q_real[:, None] & k_in[None, :]
         bias_row = q_base[:, None] - k_base[None, :] + bias_c
         bias = tl.load(table + bias_row, mask=ok, other=0.0)
-        p = tl.where(ok, tl.exp(s + bias.to(acc_ty) - lse[:, None]), 0.0)
+        bias = bias.to(acc_ty) + tl.where(q_label[:, None] == k_label[None, :], 0.0, REGION_MASK)
+        p = tl.where(ok, tl.exp(s + bias - lse[:, None]), 0.0)
         dp = tl.dot(do, vt, input_precision="ieee", out_dtype=acc_ty)
         ds = p * (dp - delta[:, None])
         tl.atomic_add(grad_table + bias_row, ds, mask=ok, sem="relaxed")
@@ -368,9 +373,10 @@ def window_attention_backward_dkv_kernel(
         delta = tl.load(delta_ptr + row, mask=q_real, other=0.0)
         # transposed tiles: keys x queries
         st = tl.dot(k, tl.trans(q), input_precision="ieee", out_dtype=acc_ty) * scale
-        ok = k_in[:, None] & q_real[None, :] & (k_label[:, None] == q_label[None, :])
+        ok = k_in[:, None] & q_real[None, :]
         bias = tl.load(table + (q_base[None, :] - k_base[:, None] + bias_c), mask=ok, other=0.0)
-        pt = tl.where(ok, tl.exp(st + bias.to(acc_ty) - lse[None, :]), 0.0)
+        bias = bias.to(acc_ty) + tl.where(k_label[:, None] == q_label[None, :], 0.0, REGION_MASK)
+        pt = tl.where(ok, tl.exp(st + bias - lse[None, :]), 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee", out_dtype=acc_ty)
         dpt = tl.dot(v, tl.trans(do), input_precision="ieee", out_dtype=acc_ty)
         dst = pt * (dpt - delta[None, :])

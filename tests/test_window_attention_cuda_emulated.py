@@ -137,6 +137,9 @@ CASES = {
     # 7x7x7 window (N = 343: 11 query and key tiles) shifted by 3 on an 8x8x8 volume.
     "2d_14x14_w7_s3_hd32_f32": Case((14, 14), (7, 7), (3, 3), batch=1, heads=2, head_dim=32, dtype=torch.float32),
     "3d_8x8x8_w7_s3_f32": Case((8, 8, 8), (7, 7, 7), (3, 3, 3), batch=1, heads=1, head_dim=4, dtype=torch.float32),
+    # Logits spread by hundreds: keys of another shift region get Swin's -100, not -inf,
+    # and here that changes the answer (many of them outscore the visible keys by > 100).
+    "2d_8x8_w4_s2_large_logits_f64": Case((8, 8), (4, 4), (2, 2), batch=1, heads=1, head_dim=4, scale=40.0),
 }
 
 

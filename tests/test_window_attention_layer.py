@@ -93,6 +93,41 @@ def test_matches_timm_swin_block_attn(spatial, window, shift, heads, backend):
     torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
 
 
+def _large_logit_block(dtype=torch.float64):
+    """A shifted timm Swin block whose attention logits spread by hundreds, so keys of
+    another shift region (Swin's additive -100) still take weight where they outscore
+    the visible keys by more than 100 (an -inf mask would give them none)."""
+    block = timm_swin.SwinTransformerBlock(8, (8, 8), num_heads=1, window_size=4, shift_size=2).eval()
+    randomize(block, 5)
+    with torch.no_grad():
+        block.attn.qkv.weight[:16] *= 12.0   # q and k rows: scores ~ 144x larger
+    return block.to(dtype)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_large_logits_match_timm_mask_semantics(backend):
+    if backend == "cpu" and not medmtl._extension.extension_loaded():
+        pytest.skip("medmtl._C is not built")
+    if backend == "triton":
+        pytest.importorskip("triton")
+    block = _large_logit_block()
+    device = triton_device() if backend == "triton" else torch.device("cpu")
+    # float64, but float32 for compiled Triton (its GPU kernels take no float64)
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    layer = WindowAttention(8, 1, 4, 2).double().eval()
+    layer.load_state_dict(block.attn.state_dict(), strict=True)
+    x = torch.randn(2, 8, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = block._attn(x)
+        # the case discriminates: some masked logits beat the visible ones by > 100
+        qkv = block.attn.qkv(x.flatten(1, 2))
+        assert (qkv[..., :8] @ qkv[..., 8:16].transpose(-1, -2)).abs().max() * 8 ** -0.5 > 300
+        with medmtl.backend(backend):
+            got = layer.to(device, dtype)(x.to(device, dtype)).cpu().double()
+    tol = 1e-7 if dtype == torch.float64 else 2e-3
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
 def test_state_dict_keys_and_shapes_match_timm_and_monai():
     layer = WindowAttention(48, 3, 7, 3, spatial_dims=3)
     shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}

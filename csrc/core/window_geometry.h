@@ -156,9 +156,14 @@ MEDMTL_HOST_DEVICE inline void token_window(const BasicWindowGeometry<index_t>& 
   *r = t;
 }
 
-// The mask region of in-window position `pos` of window `window`: tokens of a
-// window see each other only when their regions are equal (always 0 when no
-// dim is shifted).
+// Swin's additive attention mask: a key of another region than the query's gets
+// kRegionMask added to its score (not -inf: the softmax still sees it, e^-100
+// weaker, exactly as the reference and timm/Swin compute it).
+constexpr float kRegionMask = -100.0f;
+
+// The mask region of in-window position `pos` of window `window`: a query
+// attends to the keys of other regions with kRegionMask added to the score
+// (always 0 when no dim is shifted).
 template <typename index_t>
 MEDMTL_HOST_DEVICE inline int window_region(const BasicWindowGeometry<index_t>& g,
                                             typename IndexOf<index_t>::type window, const index_t* pos) {

@@ -108,11 +108,12 @@ at::Tensor matrix(void* data, int64_t rows, int64_t cols, const at::TensorOption
   return at::from_blob(data, {rows, cols}, options);
 }
 
-// scores (m, N) += bias rows of the block's queries; keys of another region -> -inf.
+// scores (m, N) += bias rows of the block's queries; keys of another region
+// also get Swin's additive mask, core::kRegionMask (-100).
 template <typename scalar_t>
 void add_bias_and_mask(const WindowTokens& t, const int64_t* queries, int64_t m, int64_t n,
                        const scalar_t* bias, scalar_t* scores) {
-  constexpr scalar_t kMasked = -std::numeric_limits<scalar_t>::infinity();
+  constexpr scalar_t kMasked = static_cast<scalar_t>(core::kRegionMask);
   for (int64_t i = 0; i < m; ++i) {
     const int64_t r = queries[i];
     scalar_t* row = scores + i * n;
@@ -120,7 +121,7 @@ void add_bias_and_mask(const WindowTokens& t, const int64_t* queries, int64_t m,
     for (int64_t j = 0; j < n; ++j) row[j] += brow[j];
     if (t.mixed) {
       const int own = t.region[r];
-      for (int64_t j = 0; j < n; ++j) row[j] = t.region[j] == own ? row[j] : kMasked;
+      for (int64_t j = 0; j < n; ++j) row[j] += t.region[j] == own ? scalar_t(0) : kMasked;
     }
   }
 }

@@ -155,12 +155,19 @@ __device__ void load_tile_tokens(const core::WindowGeometry32& g, int b, int win
   }
 }
 
-// Whether query i of the query tile attends to key j of the key tile.
+// Whether query i of the query tile attends to key j of the key tile (a key
+// of another shift region does, with region_penalty added, as in Swin).
 template <int TQ, int TK>
 __device__ __forceinline__ bool visible(const core::WindowGeometry32& g, const TileTokens<TQ>& queries,
                                         const TileTokens<TK>& keys, int i, int j) {
-  return queries.kind[i] == kReal && keys.kind[j] != kNone &&
-         (!g.masked || queries.region[i] == keys.region[j]);
+  return queries.kind[i] == kReal && keys.kind[j] != kNone;
+}
+
+// Swin's additive mask: -100 on the scores of keys of another shift region.
+template <typename acc_t, int TQ, int TK>
+__device__ __forceinline__ acc_t region_penalty(const core::WindowGeometry32& g, const TileTokens<TQ>& queries,
+                                                const TileTokens<TK>& keys, int i, int j) {
+  return g.masked && queries.region[i] != keys.region[j] ? acc_t(core::kRegionMask) : acc_t(0);
 }
 
 // ---------------------------------------------------------------------------
@@ -254,7 +261,8 @@ __global__ void __launch_bounds__(kThreads, std::is_same_v<scalar_t, double> ? k
             const int i = e / TK, j = e % TK;
             acc_t score = -INFINITY;
             if (visible(g, queries, keys, i, j))
-              score = scale * s[m] + to_acc(table[(queries.bias[i] - keys.bias[j] + center) * g.heads + h]);
+              score = scale * s[m] + to_acc(table[(queries.bias[i] - keys.bias[j] + center) * g.heads + h]) +
+                      region_penalty<acc_t>(g, queries, keys, i, j);
             p_s[i][j] = score;
           }
         }
@@ -469,7 +477,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM) window_attenti
               if (visible(g, queries, keys, i, j)) {
                 const acc_t bias =
                     to_acc(table[(queries.bias[i] - keys.bias[j] + center) * g.heads + h]);
-                p = exp_acc(scale * s[m] + bias - q_lse[i]);
+                p = exp_acc(scale * s[m] + bias + region_penalty<acc_t>(g, queries, keys, i, j) - q_lse[i]);
                 ds = p * (dp[m] - q_delta[i]);
               }
               p_s[i][j] = p;

@@ -307,14 +307,18 @@ def test_compiled_conv_op_checks_its_inputs(args, words):
 
 @pytest.mark.parametrize("variant", ["sum", "concat"])
 def test_eval_fold_cache_follows_parameter_changes(variant):
-    """Inference reuses the folded weights, but not after a parameter or statistic changes."""
+    """A frozen layer reuses the folded weights, but not after a parameter or
+    statistic is written in place or loaded."""
     layer, plain = _layer(3, 3, (1, 4), variant)
-    layer.eval()
+    layer.eval().freeze()
     plain.eval()
     x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
     with torch.no_grad(), medmtl.backend("cpu"):
         first = layer(x)
+        assert layer._fold_entry is not None
+        folded = layer._fold_entry[1]
         torch.testing.assert_close(layer(x), first)
+        assert layer._fold_entry[1] is folded  # reused
         for module in (layer, plain.layer):
             module.branches[1][1].running_mean.add_(0.5)
             module.branches[0][0].weight.mul_(1.5)
@@ -361,3 +365,100 @@ def test_concat_relu_matches_relu_of_cat(layout):
         torch.testing.assert_close(gg, eg, atol=0, rtol=0)
         assert gg.stride() == torch.empty_like(p).stride()
     assert got_grads[0][0, 1, 2, 3] == grad[0, 1, 2, 3] and got_grads[2][1, 0, 4, 6] == 0
+
+
+# --------------------------------------------------------------------------- fold caching is explicit
+
+def _ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
+    """The mean-teacher EMA update, through .data: the version counters do not move."""
+    for t, s in zip(list(target.parameters()) + list(target.buffers()),
+                    list(source.parameters()) + list(source.buffers())):
+        if t.dtype.is_floating_point:
+            t.data.mul_(decay).add_(s.data, alpha=1 - decay)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("variant", ["sum", "concat"])
+def test_plain_eval_follows_an_ema_update_through_data(variant, backend):
+    """Without freeze(), eval never reuses a fold across calls: after a .data EMA
+    update (which bumps no version counter) the output follows the new weights."""
+    teacher, _ = _layer(8, 8, (1, 4), variant, seed=0)
+    student, _ = _layer(8, 8, (1, 4), variant, seed=1)
+    teacher.eval()
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    versions = [p._version for p in teacher.parameters()]
+    with torch.no_grad(), medmtl.backend(backend):
+        before = teacher(x)
+        teacher(x)
+        _ema_update(teacher, student, 0.5)
+        assert [p._version for p in teacher.parameters()] == versions  # the write went around them
+        expected = PlainDFE(teacher).eval()(x)
+        got = teacher(x)
+    assert expected.abs().max() > 0.1 and (before - expected).abs().max() > 1e-3  # the update shows
+    torch.testing.assert_close(got, expected, **F64)
+
+
+def test_frozen_layer_reuses_its_fold_until_unfrozen():
+    """freeze() means "weights are frozen from here on": a .data write after it is
+    not seen (documented), and unfreeze() or train() make eval fold again."""
+    layer, _ = _layer(3, 3, (1, 4), "sum", seed=0)
+    other, _ = _layer(3, 3, (1, 4), "sum", seed=1)
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    layer.eval().freeze()
+    assert layer.frozen
+    with torch.no_grad(), medmtl.backend("cpu"):
+        frozen_out = layer(x)
+        _ema_update(layer, other, 0.0)
+        torch.testing.assert_close(layer(x), frozen_out)  # the frozen fold, as documented
+        expected = PlainDFE(layer).eval()(x)
+        layer.unfreeze()
+        torch.testing.assert_close(layer(x), expected, **F64)
+        layer.freeze()
+        layer(x)
+        layer.train()
+        assert not layer.frozen and layer._fold_entry is None
+        layer.eval()
+        _ema_update(layer, other, 0.5)
+        torch.testing.assert_close(layer(x), PlainDFE(layer).eval()(x), **F64)
+
+
+def test_optimize_freezes_the_fused_layers():
+    model = nn.Sequential(_layer(3, 3, (1, 4), "concat")[0])
+    fast = medmtl.optimize(model)
+    assert fast[0].frozen and not model[0].frozen
+
+
+def test_frozen_cache_keeps_key_and_fold_together_across_dtypes_and_threads():
+    """One (key, fold) attribute: threads calling a frozen layer with float32 and
+    float64 inputs at once each get the fold of their own dtype."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    layer, plain = _layer(3, 3, (1, 4), "concat", attention=False)  # (the attention weight is not folded)
+    layer.eval().freeze()
+    xs = {dt: torch.randn(1, 3, 6, 6, dtype=torch.float64).to(dt) for dt in (torch.float32, torch.float64)}
+    expected = {dt: PlainDFE(layer).eval()(x.double()) for dt, x in xs.items()}
+
+    def call(k):
+        dt = (torch.float32, torch.float64)[k % 2]
+        with torch.no_grad(), medmtl.backend("cpu"):
+            out = layer(xs[dt])
+        assert out.dtype == dt
+        torch.testing.assert_close(out.double(), expected[dt], atol=1e-4 if dt == torch.float32 else 1e-9,
+                                   rtol=1e-4 if dt == torch.float32 else 1e-9)
+        return True
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(call, range(16)))
+
+
+def test_frozen_layer_with_inference_tensor_weights():
+    """Weights made under inference_mode have no version counter: the frozen cache
+    keys on them without reading one."""
+    with torch.inference_mode():
+        layer, plain = _layer(3, 3, (1, 4), "sum")
+        layer.eval().freeze()
+        x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+        with medmtl.backend("cpu"):
+            first = layer(x)
+            torch.testing.assert_close(layer(x), first)
+        torch.testing.assert_close(first, PlainDFE(layer).eval()(x), **F64)

@@ -118,6 +118,25 @@ def test_in_place_write_is_seen():
         torch.testing.assert_close(_cpu(x, weight, [1], bias), expected, atol=1e-10, rtol=1e-10)
 
 
+def test_write_through_data_is_seen():
+    """A write the version counter does not see (through .data, as an EMA update
+    makes) changes the values, and the cached transform is not used: each entry
+    keeps a copy of the weight and a hit must equal it."""
+    x, weight, bias = _inputs(2, 128, 64, (14, 14))
+    before = _entries()
+    for _ in range(2):
+        _cpu(x, weight, [1], bias)
+    assert _entries() == before + 1
+    assert _gemm_ops(lambda: _cpu(x, weight, [1], bias)) == 0  # the cached tiles
+    version = weight._version
+    weight.data.mul_(0.5).add_(torch.randn_like(weight) / 60)
+    assert weight._version == version
+    expected = _reference(x, weight, [1], bias)
+    for _ in range(3):
+        torch.testing.assert_close(_cpu(x, weight, [1], bias), expected, atol=1e-10, rtol=1e-10)
+    assert _entries() == before + 1  # re-derived in place of the stale one
+
+
 def test_weights_that_take_gradients_or_are_inference_tensors_are_not_cached():
     x, weight, bias = _inputs(2, 128, 64, (14, 14))
     before = _entries()
@@ -181,11 +200,11 @@ with medmtl.backend("cpu"):
 
 
 def test_layer_eval_with_cached_transforms_follows_its_parameters():
-    """The concat DFE's fuse (256 -> 64 on 2 x 14 x 14) takes cached tiles from
-    its second eval call; a changed running statistic or loaded state_dict
+    """The frozen concat DFE's fuse (256 -> 64 on 2 x 14 x 14) takes cached tiles
+    from its second eval call; a changed running statistic or loaded state_dict
     refolds, and the answer follows."""
     torch.manual_seed(0)
-    layer = DilatedFeatureEnhancement(64, 64, (6, 12, 18), "concat").double().eval()
+    layer = DilatedFeatureEnhancement(64, 64, (6, 12, 18), "concat").double().eval().freeze()
     plain = PlainDFE(layer).eval()
     x = torch.randn(2, 64, 14, 14, dtype=torch.float64)
     before = _entries()

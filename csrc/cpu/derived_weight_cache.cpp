@@ -11,9 +11,16 @@
 namespace medmtl {
 namespace {
 
+// The kind of a sighting entry: no derived tensor, the record that a weight was seen.
+constexpr int64_t kSighting = -1;
+
 // What identifies a weight's values: its storage (held weakly, so an entry
-// never keeps a weight alive), where in it and how it is laid out, and the
-// version counter's value when the entry was made.
+// never keeps a weight alive), where in it and how it is laid out, the
+// version counter's value when the entry was made, and a copy of its values
+// then (snapshot): a write the version counter does not see (through `.data`,
+// as an EMA update does, or a raw pointer) changes the values, so an entry is
+// used only when the weight still equals its snapshot, which proves the
+// derived tensor current.
 struct WeightKey {
   c10::weak_intrusive_ptr<c10::StorageImpl> alive;
   const c10::StorageImpl* storage;
@@ -23,7 +30,10 @@ struct WeightKey {
   at::ScalarType dtype;
   int64_t version;
   int64_t kind;
+  at::Tensor snapshot;  // the weight's values when the entry was made (undefined in a lookup key)
+  const at::Tensor* weight = nullptr;  // the weight itself (a lookup key only)
 
+  // A key to look `weight` up with (no copy made).
   static WeightKey of(const at::Tensor& weight, int64_t kind) {
     return {weight.storage().getWeakStorageImpl(),
             weight.storage().unsafeGetStorageImpl(),
@@ -33,16 +43,30 @@ struct WeightKey {
             weight.strides().vec(),
             weight.scalar_type(),
             weight._version(),
-            kind};
+            kind,
+            at::Tensor(),
+            &weight};
+  }
+
+  // The key an entry keeps: with `snapshot`, the weight's values taken
+  // before the derived tensor was made from them (a sighting needs none: it
+  // only decides to cache, and what is cached is derived later).
+  WeightKey stored(const at::Tensor& values) const {
+    WeightKey key = *this;
+    key.snapshot = values;
+    key.weight = nullptr;
+    return key;
   }
 
   bool expired() const { return alive.expired(); }
 
-  // Same weight, unchanged. Both storages are alive (expired entries are
-  // purged first, and the caller holds the other's weight), so equal
-  // addresses are the same storage.
-  bool matches(const WeightKey& other) const {
-    return same_slot(other) && data == other.data && version == other.version;
+  // Same weight, unchanged: same slot, data and version, and (the proof) the
+  // same values as the entry's snapshot. Both storages are alive (expired
+  // entries are purged first, and the caller holds the other's weight), so
+  // equal addresses are the same storage.
+  bool matches(const WeightKey& lookup) const {
+    if (!same_slot(lookup) || data != lookup.data || version != lookup.version) return false;
+    return kind == kSighting || (snapshot.defined() && lookup.weight != nullptr && at::equal(snapshot, *lookup.weight));
   }
 
   // Same weight slot (perhaps written since): its entry is replaced.
@@ -60,8 +84,6 @@ struct Entry {
   int64_t bytes;
   uint64_t last_use;
 };
-
-constexpr int64_t kSighting = -1;
 
 struct Cache {
   std::mutex mutex;
@@ -84,9 +106,10 @@ struct Cache {
     return nullptr;
   }
 
-  // Puts an entry in place of any for the same weight slot, and drops those
+  // Puts an entry (with `snapshot`, the weight's values that `value` was
+  // derived from) in place of any for the same weight slot, and drops those
   // of the same storage at another version (stale once it was written).
-  void insert(const WeightKey& key, const at::Tensor& value, int64_t bytes) {
+  void insert(const WeightKey& key, const at::Tensor& snapshot, const at::Tensor& value, int64_t bytes) {
     purge_expired();
     entries.erase(std::remove_if(entries.begin(), entries.end(),
                                  [&](const Entry& e) {
@@ -101,7 +124,7 @@ struct Cache {
       if (oldest == entries.end()) break;  // only sightings (0 bytes) left: nothing to drop
       entries.erase(oldest);
     }
-    entries.push_back({key, value, bytes, ++clock});
+    entries.push_back({key.stored(snapshot), value, bytes, ++clock});
   }
 
   int64_t bytes() const {
@@ -140,7 +163,7 @@ bool weight_seen_before(const at::Tensor& weight) {
   }
   const WeightKey key = WeightKey::of(weight, kSighting);
   if (c.find(key) != nullptr) return true;
-  c.insert(key, at::Tensor(), 0);
+  c.insert(key, at::Tensor(), at::Tensor(), 0);
   return false;
 }
 
@@ -154,11 +177,14 @@ at::Tensor cached_derived_weight(const at::Tensor& weight, int64_t kind, const s
   }
   // Derived outside the lock (it may run on all threads); another thread may
   // derive the same weight meanwhile, and the later insert replaces the other.
+  // The snapshot is taken first: were the weight written meanwhile, the entry
+  // would hold the old values and never match the new ones.
+  const at::Tensor snapshot = weight.clone();
   at::Tensor value = derive();
   const int64_t bytes = static_cast<int64_t>(value.nbytes());
   if (bytes > derived_weight_cache_budget()) return value;
   std::lock_guard<std::mutex> lock(c.mutex);
-  c.insert(key, value, bytes);
+  c.insert(key, snapshot, value, bytes);
   return value;
 }
 

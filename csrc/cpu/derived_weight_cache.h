@@ -4,10 +4,14 @@
 // every call.
 //
 // An entry is used only while the weight's storage is alive, at the same
-// address, offset, sizes, strides and dtype, and with the version counter it
-// had (every in-place write through the weight or a view of it bumps it).
-// Writes that bypass the version counter (through `.data`, or raw pointers)
-// are not seen, as autograd does not see them; only weights that take no
+// address, offset, sizes, strides and dtype, with the version counter it had
+// (every in-place write through the weight or a view of it bumps it), and
+// with the same values: each entry keeps a copy of the weight (a quarter of
+// a Winograd transform's bytes, not counted in the budget) and a hit compares
+// the weight with it, so writes that bypass the version counter (through
+// `.data`, as a mean-teacher EMA update does, or raw pointers) are seen too;
+// the comparison reads the weight once, several times less work than the
+// transform it saves. Only weights that take no
 // gradient are cached, and only once they are seen a second time, so neither
 // training (whose weights change every step) nor weights made afresh on every
 // call fill the cache. The entries take at most kDerivedWeightCacheBytes (or

@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.segmentation import deeplabv3 as tv_deeplab
 
+from medmtl.layers._fold_cache import FoldCacheMixin
 from medmtl.ops._layout import relayout
 from medmtl.ops.multi_dilation_conv import multi_dilation_conv, prefers_channels_last
 
 
-class FusedASPP(tv_deeplab.ASPP):
+class FusedASPP(FoldCacheMixin, tv_deeplab.ASPP):
     """torchvision's ASPP, x (B, Cin, H, W) -> (B, 256, H, W), its branches on
     medmtl's multi_dilation_conv."""
 
@@ -61,19 +62,10 @@ class FusedASPP(tv_deeplab.ASPP):
     def _folded(self, x: torch.Tensor):
         """(weight (n, 256, Cin, 3, 3) with Cin innermost, bias (n * 256,),
         projection BN scale, shift), in x's dtype: each branch's BatchNorm
-        folded into its convolution. Reused while no parameter or buffer
-        changes when no graph is built (the fold of 2048 input channels is
-        75 MB), so the op sees the same weight tensor again."""
-        builds_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        if builds_graph or torch.compiler.is_compiling():
-            return self._fold(x.dtype)
-        key = (x.dtype, x.device) + tuple((t.data_ptr(), t._version) for t in
-                                          list(self.parameters()) + list(self.buffers()))
-        if getattr(self, "_fold_key", None) != key:
-            with torch.inference_mode(False), torch.no_grad():
-                self._fold_cache = self._fold(x.dtype)
-            self._fold_key = key
-        return self._fold_cache
+        folded into its convolution. Made on every call, or reused while the
+        module is frozen (freeze(), medmtl.optimize: FoldCacheMixin), so the op
+        sees the same weight tensor again (the fold of 2048 input channels is 75 MB)."""
+        return self._cached_fold(x, "aspp", lambda: self._fold(x.dtype))
 
     def _fold(self, dtype: torch.dtype):
         weights, biases = [], []

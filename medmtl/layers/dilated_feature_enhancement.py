@@ -14,7 +14,11 @@ variant="concat" (the authors' released code):
 spatial_attention=True: y * sigmoid(attention(cat(mean_c y, max_c y))), attention = Conv7x7(2 -> 1).
 
 Eval mode folds the BatchNorms (and, for "sum", the 1x1 convolutions) into one
-multi-dilation convolution that skips padding-only taps; train mode runs
+multi-dilation convolution that skips padding-only taps, on every call unless
+the layer is frozen: `layer.freeze()` (or medmtl.optimize(model)) declares the
+weights frozen from here on, and eval then reuses the fold (and the cpu
+backend its Winograd transforms); unfreeze() or train() undoes it (see
+medmtl/layers/_fold_cache.py). Train mode runs
 each branch's convolution through the op (a branch whose off-centre taps read
 only padding becomes a 1x1 GEMM) and the BatchNorms as BatchNorm does (batch
 statistics, running-statistic updates). For "concat" the fuse convolution is
@@ -30,6 +34,7 @@ import torch
 from torch import nn
 
 from medmtl.layers._batch_norm import batch_norm_as_affine
+from medmtl.layers._fold_cache import FoldCacheMixin
 from medmtl.ops._layout import relayout
 from medmtl.ops.multi_dilation_conv import multi_dilation_conv, prefers_channels_last
 from medmtl.ops.spatial_attention import spatial_attention
@@ -37,7 +42,7 @@ from medmtl.ops.spatial_attention import spatial_attention
 VARIANTS = ("sum", "concat")
 
 
-class DilatedFeatureEnhancement(nn.Module):
+class DilatedFeatureEnhancement(FoldCacheMixin, nn.Module):
     """(B, C_in, H, W) -> (B, C_out, H, W).
 
     Args:
@@ -92,14 +97,6 @@ class DilatedFeatureEnhancement(nn.Module):
         convolutions = [branch[0] for branch in self.branches] + ([self.fuse[0]] if variant == "concat" else [])
         for conv in convolutions:
             conv.weight = nn.Parameter(conv.weight.detach().contiguous(memory_format=torch.channels_last))
-
-    def train(self, mode: bool = True) -> DilatedFeatureEnhancement:
-        """As nn.Module.train; entering train mode drops the cached eval fold (the
-        first optimizer step makes it stale), and with it the cpu backend's
-        Winograd transforms of it (4x the fuse kernel: 151 MB at 512 channels)."""
-        if mode:
-            self._fold_cache = self._fold_cache_key = None
-        return super().train(mode)
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, dilations={self.dilations}, "
@@ -162,30 +159,9 @@ class DilatedFeatureEnhancement(nn.Module):
     # -- eval mode: BatchNorms (and for "sum" the 1x1 convolutions) folded
 
     def _folded_parameters(self, fold, x: torch.Tensor):
-        """fold() (the folded weights) in x's dtype, cached while no parameter or
-        statistic changes.
-
-        Without a graph to build (no autograd, or no parameter that takes a
-        gradient) the last fold is reused as long as every parameter and
-        buffer keeps its storage and version counter, and it is made outside
-        inference mode, so the cpu backend can keep the weights' Winograd
-        transforms too (an inference tensor has no version counter to tell
-        when it changes). With a graph, or under torch.compile, it folds
-        every call so gradients reach the modules.
-        """
-        def in_dtype():
-            return _to_dtype(fold(), x.dtype)
-
-        builds_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        if builds_graph or torch.compiler.is_compiling():
-            return in_dtype()
-        key = (x.dtype, x.device, fold.__name__) + tuple(
-            (t.data_ptr(), t._version) for t in list(self.parameters()) + list(self.buffers()))
-        if getattr(self, "_fold_cache_key", None) != key:
-            with torch.inference_mode(False), torch.no_grad():
-                self._fold_cache = in_dtype()
-            self._fold_cache_key = key
-        return self._fold_cache
+        """fold() (the folded weights) in x's dtype: made on every call, or reused
+        while frozen (FoldCacheMixin._cached_fold)."""
+        return self._cached_fold(x, fold.__name__, lambda: _to_dtype(fold(), x.dtype))
 
     def _sum_folded(self, x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return multi_dilation_conv(x, weights, self.dilations, bias, "sum", "relu")

@@ -5,7 +5,11 @@
     fast16.optimize_report   # what bfloat16 changes on x
 
 What it does, on a deep copy (the original is not modified):
-  - eval mode, parameters without gradients;
+  - eval mode, parameters without gradients, and the weights frozen from
+    here on: the fused layers (and converted torchvision ASPPs) reuse their
+    eval folds and Winograd transforms across calls (layer.freeze()); do not
+    write to the copy's weights afterwards (through `.data` such writes are
+    not seen), or call unfreeze() on its layers first;
   - every BatchNorm that directly follows a convolution is folded into it
     (w' = w * s, b' = (b - mean) * s + beta, s = gamma / sqrt(var + eps)):
     inside nn.Sequential (order explicit), and in the blocks whose order is
@@ -29,6 +33,7 @@ import torch
 from torch import nn
 
 from medmtl.layers import DilatedFeatureEnhancement, MultiScalePool
+from medmtl.layers._fold_cache import FoldCacheMixin
 
 # Layers that fold their own BatchNorms in eval mode: left whole.
 _SELF_FOLDING = (DilatedFeatureEnhancement, MultiScalePool)
@@ -175,6 +180,9 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.float32, example_input
     fast = copy.deepcopy(model).eval()
     folded = fold_batch_norms(fast)
     fast.requires_grad_(False)
+    for module in fast.modules():
+        if isinstance(module, FoldCacheMixin):
+            module.freeze()
     if channels_last and any(isinstance(m, nn.Conv2d) for m in fast.modules()):
         fast = fast.to(memory_format=torch.channels_last)
     if dtype != torch.float32:

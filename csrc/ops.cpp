@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cpu/derived_weight_cache.h"
+#include "cpu/winograd_conv3x3.h"
 
 #ifndef MEDMTL_WITH_CUDA
 #define MEDMTL_WITH_CUDA 0
@@ -74,9 +75,22 @@ PyObject* weight_cache_info(PyObject*, PyObject*) {
                        static_cast<long long>(medmtl::derived_weight_cache_budget()));
 }
 
+// medmtl._C.winograd_enabled() -> bool; medmtl._C.set_winograd_enabled(bool):
+// the cpu backend's Winograd F(4x4, 3x3) switch (csrc/cpu/winograd_conv3x3.h).
+PyObject* winograd_enabled(PyObject*, PyObject*) { return PyBool_FromLong(medmtl::winograd_enabled()); }
+
+PyObject* set_winograd_enabled(PyObject*, PyObject* arg) {
+  const int enabled = PyObject_IsTrue(arg);
+  if (enabled < 0) return nullptr;
+  medmtl::set_winograd_enabled(enabled != 0);
+  Py_RETURN_NONE;
+}
+
 PyMethodDef module_methods[] = {
     {"weight_cache_info", weight_cache_info, METH_NOARGS,
      "(entries, bytes, budget) of the cpu backend's cache of derived weights (Winograd kernel transforms)"},
+    {"winograd_enabled", winograd_enabled, METH_NOARGS, "whether the cpu backend may use Winograd tiles"},
+    {"set_winograd_enabled", set_winograd_enabled, METH_O, "turns the cpu backend's Winograd tiles on or off"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

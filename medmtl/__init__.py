@@ -15,6 +15,7 @@ from medmtl.info import info
 from medmtl.integrations import accelerate, accelerated_modules
 from medmtl.models import optimize
 from medmtl.ops.backends import BackendUnavailableError, backend, get_backend, set_backend
+from medmtl.ops.flags import get_flags, set_flags
 
 __version__ = "0.1.0"
 
@@ -24,10 +25,12 @@ __all__ = [
     "accelerated_modules",
     "backend",
     "get_backend",
+    "get_flags",
     "info",
     "layers",
     "models",
     "ops",
     "optimize",
     "set_backend",
+    "set_flags",
 ]

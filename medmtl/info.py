@@ -7,6 +7,7 @@ import importlib.metadata
 import torch
 
 from medmtl._extension import BUILD_HINT, EXTENSION_ERROR, cuda_arch_list, extension_has_cuda, extension_loaded
+from medmtl.ops.flags import get_flags
 from medmtl.ops.backends import KERNEL_BACKENDS, OPS, get_backend, resolve_backend, triton_error, unavailable_reason
 
 
@@ -27,6 +28,8 @@ def info() -> str:
         f"GPU available: {'yes, ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}",
         f"triton: {_triton_version()}",
         f"backend in force: {get_backend()}",
+        "winograd (cpu backend's F(4x4, 3x3) tiles; medmtl.set_flags(winograd=...), MEDMTL_WINOGRAD): "
+        + {True: "on", False: "off", None: "n/a (no extension)"}[get_flags()["winograd"]],
         "",
     ]
     width = max([len(op) for op in OPS] + [len("op")])

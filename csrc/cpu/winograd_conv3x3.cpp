@@ -594,10 +594,22 @@ MultiplyAdds multiply_adds(int64_t batch, int64_t height, int64_t width, int64_t
 
 bool winograd_dtype(at::ScalarType dtype) { return dtype == at::kFloat || dtype == at::kDouble; }
 
+std::atomic<bool>& winograd_switch() {
+  static std::atomic<bool> enabled{[] {
+    const char* value = std::getenv("MEDMTL_WINOGRAD");
+    return value == nullptr || std::string(value) != "0";
+  }()};
+  return enabled;
+}
+
 }  // namespace
 
+bool winograd_enabled() { return winograd_switch().load(std::memory_order_relaxed); }
+
+void set_winograd_enabled(bool enabled) { winograd_switch().store(enabled, std::memory_order_relaxed); }
+
 bool winograd_pays(int64_t batch, int64_t height, int64_t width, int64_t dilation, at::ScalarType dtype) {
-  if (!winograd_dtype(dtype) || dilation < 1 || batch < 1) return false;
+  if (!winograd_enabled() || !winograd_dtype(dtype) || dilation < 1 || batch < 1) return false;
   const MultiplyAdds mads = multiply_adds(batch, height, width, dilation);
   // Measured on 2 cores against oneDNN (forward, 64-512 channels): 1.2-2x
   // faster where the taps do at least 3x Winograd's multiply-adds (a dense
@@ -612,7 +624,7 @@ bool winograd_pays(int64_t batch, int64_t height, int64_t width, int64_t dilatio
 
 bool winograd_pays_with_cached_kernel(int64_t batch, int64_t height, int64_t width, int64_t dilation,
                                       at::ScalarType dtype, int64_t in_channels, int64_t out_channels) {
-  if (!winograd_dtype(dtype) || dilation < 1 || batch < 1) return false;
+  if (!winograd_enabled() || !winograd_dtype(dtype) || dilation < 1 || batch < 1) return false;
   const MultiplyAdds mads = multiply_adds(batch, height, width, dilation);
   // Without the kernel's transform, fewer tiles pay: a dense 1024 -> 256 on
   // 2 x 28 x 28 (98 tiles) took 10 ms against oneDNN's 22, a dense 2048 ->

@@ -10,10 +10,22 @@
 
 namespace medmtl {
 
+// Accuracy (benchmarks/winograd_accuracy.py, quoted in README.md): in float32
+// the tiles' largest error is 0.6-1.0e-5 of max|y| (64 -> 64 to 1024 -> 256
+// channels on 28x28 to 112x112 maps, dilations 1 and 6), up to 1.5e-5 seen,
+// against 0.4-2.3e-6 for a direct (oneDNN) convolution: 4-17x less accurate,
+// about 3-4 bits of float32's 24, not the "3 bits" this once said in general.
+// float64 stays within 1e-12 of max|y|; half precision is never tiled.
+//
+// The switch: medmtl.set_flags(winograd=False) or MEDMTL_WINOGRAD=0 (read at
+// load) turns the tiles off: every branch convolves directly.
+bool winograd_enabled();
+void set_winograd_enabled(bool enabled);
+
 // Whether a 3x3 convolution at dilation d (>= 1) on B x H x W maps of `dtype`
-// is cheaper as Winograd tiles than as direct taps (float32 and float64 only:
-// the transforms lose about 3 bits, too many for half precision), with the
-// kernel's transform made by the call...
+// is cheaper as Winograd tiles than as direct taps (float32 and float64 only;
+// false when the switch above is off), with the kernel's transform made by
+// the call...
 bool winograd_pays(int64_t batch, int64_t height, int64_t width, int64_t dilation, at::ScalarType dtype);
 // ... or kept from an earlier call (cache_kernel below), for a kernel
 // (out_channels, in_channels, 3, 3).

@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 export MAX_JOBS ?= 2
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: all venv build test test-python test-cpp bench demo clean
+.PHONY: all venv build test test-python test-cpp bench demo gpu-check clean
 
 all: build
 
@@ -51,6 +51,14 @@ bench: build
 	$(PY) benchmarks/run.py --out bench-results
 	$(PY) benchmarks/profile_accelerate.py --out bench-results
 
+# On a machine with a CUDA GPU (no network; torch, triton and nvcc preinstalled):
+# builds with the CUDA kernels, runs every GPU test and a short cuda / triton /
+# reference / torch.compile benchmark within 8 minutes, one report in
+# gpu-check-results/report.md, and prints which step failed. Uses .venv when
+# there is one, else the machine's python3. Without a GPU it says so and skips.
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) .ci/gpu_check.py --out gpu-check-results
+
 # `make demo`: trains a small ResFormerMTL on the built-in synthetic lesions
 # through the command (about 3 minutes on 2 CPU cores), evaluates it on a
 # held-out split and prints the metrics; the run folder has the curves,
@@ -68,4 +76,4 @@ else
 endif
 
 clean:
-	rm -rf build build-cmake *.egg-info medmtl/_C*.so bench-results demo-results $(VENV)/.built
+	rm -rf build build-cmake *.egg-info medmtl/_C*.so bench-results demo-results gpu-check-results $(VENV)/.built

@@ -4,7 +4,7 @@ largest |error| relative to max|y|, over channel counts and map sizes.
 
     python benchmarks/winograd_accuracy.py [--seeds 3]
 
-The numbers are quoted in csrc/cpu/winograd_conv3x3.h and README.md, and
+The numbers are quoted in csrc/cpu/winograd_conv3x3.h and docs/layers.md, and
 tests/test_winograd_cpu.py takes its float32 tolerance from them.
 """
 

@@ -56,6 +56,11 @@ def triton_device() -> torch.device:
     return torch.device("cpu") if TRITON_INTERPRETED else torch.device("cuda")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--medmtl-backend", action="append", default=[], choices=BACKENDS,
+                     help="run only the tests of this backend (repeatable; `make gpu-check` passes GPU)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu(backend): needs a CUDA GPU and the backend's kernels for it")
 
@@ -87,12 +92,18 @@ def backend_of(item) -> str:
         return "CUDA emulated"
     if module == "test_cuda_backend.py":
         return "CUDA compiled"
-    if "triton" in module or "triton" in name or "triton" in item.name:
+    if module.endswith("_triton.py"):  # CPU tensors in the interpreter (skipped with a GPU)
+        return "Triton interpreted"
+    if "triton" in name or "triton" in item.name:  # on triton_device(): interpreted, or compiled on the GPU
         return "Triton interpreted" if TRITON_INTERPRETED else "GPU"
     return "CPU"
 
 
 def pytest_collection_modifyitems(config, items):
+    wanted = config.getoption("--medmtl-backend")
+    if wanted:
+        config.hook.pytest_deselected(items=[item for item in items if backend_of(item) not in wanted])
+        items[:] = [item for item in items if backend_of(item) in wanted]
     for item in items:
         marker = item.get_closest_marker("gpu")
         if marker is not None:

@@ -10,7 +10,7 @@
 
 namespace medmtl {
 
-// Accuracy (benchmarks/winograd_accuracy.py, quoted in README.md): in float32
+// Accuracy (benchmarks/winograd_accuracy.py, quoted in docs/layers.md): in float32
 // the tiles' largest error is 0.6-1.0e-5 of max|y| (64 -> 64 to 1024 -> 256
 // channels on 28x28 to 112x112 maps, dilations 1 and 6), up to 1.5e-5 seen,
 // against 0.4-2.3e-6 for a direct (oneDNN) convolution: 4-17x less accurate,

@@ -3,7 +3,7 @@
 winograd: whether the cpu backend may compute dense 3x3 branches of
     multi_dilation_conv as Winograd F(4x4, 3x3) tiles (faster on large maps;
     in float32 about 1e-5 of max|y| off, several times a direct convolution's
-    error: csrc/cpu/winograd_conv3x3.h, README.md). Default on; the
+    error: csrc/cpu/winograd_conv3x3.h, docs/layers.md). Default on; the
     environment variable MEDMTL_WINOGRAD=0 turns it off at load. Process-wide.
 """
 

@@ -3,7 +3,11 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
 #include "cpu/derived_weight_cache.h"
+#include "cpu/private_ops.h"
 #include "cpu/winograd_conv3x3.h"
 
 #ifndef MEDMTL_WITH_CUDA
@@ -86,7 +90,27 @@ PyObject* set_winograd_enabled(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+// medmtl._C.private_op_fallbacks() -> list of "op: reason", one per private
+// PyTorch op the CPU kernels do not call (csrc/cpu/private_ops.h).
+PyObject* private_op_fallbacks(PyObject*, PyObject*) {
+  const std::vector<std::string> reasons = medmtl::private_op_fallbacks();
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(reasons.size()));
+  if (list == nullptr) return nullptr;
+  for (size_t i = 0; i < reasons.size(); ++i) {
+    PyObject* item = PyUnicode_FromString(reasons[i].c_str());
+    if (item == nullptr) {
+      Py_DECREF(list);
+      return nullptr;
+    }
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), item);
+  }
+  return list;
+}
+
 PyMethodDef module_methods[] = {
+    {"private_op_fallbacks", private_op_fallbacks, METH_NOARGS,
+     "[\"op: reason\"] for each private PyTorch op (oneDNN's fused convolutions) the CPU kernels replace by "
+     "public ATen calls because its schema differs from the one they were written for"},
     {"weight_cache_info", weight_cache_info, METH_NOARGS,
      "(entries, bytes, budget) of the cpu backend's cache of derived weights (Winograd kernel transforms)"},
     {"winograd_enabled", winograd_enabled, METH_NOARGS, "whether the cpu backend may use Winograd tiles"},
@@ -102,6 +126,7 @@ PyObject* PyInit__C(void) {
                                           module_methods};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
+  medmtl::private_op_fallbacks();  // each private op's schema is checked once, at load
   PyModule_AddIntConstant(module, "with_cuda", MEDMTL_WITH_CUDA);
   PyModule_AddStringConstant(module, "cuda_arch_list", MEDMTL_CUDA_ARCHS);
   return module;

@@ -27,3 +27,10 @@ def extension_has_cuda() -> bool:
 
 def cuda_arch_list() -> str:
     return getattr(_C, "cuda_arch_list", "") if _C is not None else ""
+
+
+def private_op_fallbacks() -> list[str]:
+    """"op: reason" for each private PyTorch op (oneDNN's fused convolutions) that the
+    cpu backend replaces by public ATen calls, its schema differing from the one
+    medmtl was written for (csrc/cpu/private_ops.h); empty when all are used."""
+    return list(_C.private_op_fallbacks()) if _C is not None else []

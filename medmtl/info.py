@@ -6,7 +6,8 @@ import importlib.metadata
 
 import torch
 
-from medmtl._extension import BUILD_HINT, EXTENSION_ERROR, cuda_arch_list, extension_has_cuda, extension_loaded
+from medmtl._extension import (BUILD_HINT, EXTENSION_ERROR, cuda_arch_list, extension_has_cuda, extension_loaded,
+                               private_op_fallbacks)
 from medmtl.ops.flags import get_flags
 from medmtl.ops.backends import KERNEL_BACKENDS, OPS, get_backend, resolve_backend, triton_error, unavailable_reason
 
@@ -30,8 +31,13 @@ def info() -> str:
         f"backend in force: {get_backend()}",
         "winograd (cpu backend's F(4x4, 3x3) tiles; medmtl.set_flags(winograd=...), MEDMTL_WINOGRAD): "
         + {True: "on", False: "off", None: "n/a (no extension)"}[get_flags()["winograd"]],
-        "",
     ]
+    if extension_loaded():
+        fallbacks = private_op_fallbacks()
+        lines.append("private torch ops (oneDNN fused convolutions): " +
+                     ("used" if not fallbacks else "not used, the public path instead:"))
+        lines += [f"  {reason}" for reason in fallbacks]
+    lines.append("")
     width = max([len(op) for op in OPS] + [len("op")])
     lines.append(f"{'op':{width}} {'backend':10} available here")
     for op, backends in sorted(OPS.items()):

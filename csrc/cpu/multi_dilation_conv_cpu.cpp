@@ -46,6 +46,7 @@
 #include "../multi_dilation_conv_checks.h"
 #include "derived_weight_cache.h"
 #include "multi_dilation_conv_taps.h"
+#include "private_ops.h"
 #include "winograd_conv3x3.h"
 
 namespace medmtl {
@@ -123,15 +124,16 @@ bool uses_tap_gemms(int64_t batch, int64_t H, int64_t W, at::IntArrayRef dilatio
 // oneDNN's fused convolutions, as PyTorch's mkldnn build registers them for
 // Inductor: conv + bias (+ ReLU) into a new tensor, and conv + bias added
 // into an existing one (+ ReLU), so a sum of branches needs no add passes.
-// Absent (nullopt) in builds without oneDNN.
+// Absent (nullopt) in builds without oneDNN, and when their schemas differ
+// from the ones the stacks below are built for (private_ops.h): then
+// at::conv2d computes the branches.
 struct FusedConvolutionOps {
   std::optional<c10::OperatorHandle> into_new, added_into;
 };
 
 const FusedConvolutionOps& fused_convolution_ops() {
-  static const FusedConvolutionOps ops{
-      c10::Dispatcher::singleton().findSchema({"mkldnn::_convolution_pointwise", ""}),
-      c10::Dispatcher::singleton().findSchema({"mkldnn::_convolution_pointwise_", "binary"})};
+  static const FusedConvolutionOps ops{checked_private_op(kFusedConvolution),
+                                       checked_private_op(kFusedConvolutionAddedInto)};
   return ops;
 }
 

@@ -30,12 +30,13 @@ import pytest
 import torch
 
 from medmtl.ops import reference
-from tests.cuda_emulation_buffers import (SENTINEL, Guarded, assert_unchanged, assert_written, guarded_input,
-                                          guarded_output, ptr_or_none, scratch)
+from tests.cuda_emulation_buffers import assert_unchanged, assert_written, guarded_input, guarded_output, ptr_or_none
 from tests.cuda_emulation_build import ACC_DTYPE, DTYPE_CODE, EmulatedLibrary, build_emulations
+from tests.cuda_emulation_plan import read_plan
 
 KERNELS = ("multi_dilation_conv_kernel", "spatial_attention_kernel")
-HEADERS = ("multiscale_pool_kernel.h", "device_common.cuh")  # included by the kernels (acc_type, to_acc)
+# Included by the kernels (acc_type, to_acc) and the driver (the wrappers' launch plans).
+HEADERS = ("multiscale_pool_kernel.h", "device_common.cuh", "launch_plan.h")
 
 # The "small limits" build: per kernel file, constant -> value.
 SMALL_LIMITS = {
@@ -65,11 +66,11 @@ TOLERANCE = {
 P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 # The entry points of tests/cuda_emulation/driver_dilated_attention.cpp: name -> (argtypes, restype).
 SIGNATURES = {
-    "mdc_workspace": ([P, P, I, P], None),
+    "mdc_plan": ([P, P, I, I, P], None),
+    "sa_plan": ([P, I, P], None),
     "mdc_taps": ([P, P, L, P], L),
     "mdc_forward": ([I, P, P, P, P, P, I, P, P], I),
     "mdc_backward": ([I, P, P, P, P, P, P, I, P, P, P, P, P], I),
-    "sa_workspace": ([P, P], None),
     "sa_forward": ([I, P, P, P, P, P, P], I),
     "sa_backward": ([I, P, P, P, P, P, P, P, P, P, P, P], I),
     "core_taps": ([I, L, L, L, L], L),
@@ -84,7 +85,8 @@ def emulated(tmp_path_factory) -> dict[str, EmulatedLibrary]:
 
 
 # ---------------------------------------------------------------------------
-# The torch wrappers of csrc/cuda/{multi_dilation_conv,spatial_attention}_cuda.cpp, in Python.
+# The torch wrappers of csrc/cuda/{multi_dilation_conv,spatial_attention}_cuda.cpp, in Python: their
+# buffers and sums of partials from their launch plans (csrc/cuda/launch_plan.h).
 
 def mdc_dims(x, weight, dilations, combine) -> tuple[torch.Tensor, torch.Tensor]:
     B, cin, H, W = x.shape
@@ -93,22 +95,16 @@ def mdc_dims(x, weight, dilations, combine) -> tuple[torch.Tensor, torch.Tensor]
     return dims, torch.tensor(list(dilations), dtype=torch.int64)
 
 
-def mdc_workspace(emu: EmulatedLibrary, dims, dil, relu) -> list[int]:
-    ws = torch.zeros(5, dtype=torch.int64)
-    emu.lib.mdc_workspace(dims.data_ptr(), dil.data_ptr(), int(relu), ws.data_ptr())
-    return ws.tolist()
-
-
 def emulated_mdc_forward(emu: EmulatedLibrary, x, weight, dilations, bias, combine, relu):
     dims, dil = mdc_dims(x, weight, dilations, combine)
-    forward_acc, *_ = mdc_workspace(emu, dims, dil, relu)
+    (acc_plan,) = read_plan(emu.lib.mdc_plan, (dims.data_ptr(), dil.data_ptr(), int(relu), 0), 1)
     n, cout = weight.shape[:2]
     channels = n * cout if combine == "concat" else cout
     packed = weight.permute(0, 3, 4, 2, 1).contiguous()
     gx, gw = guarded_input(x), guarded_input(packed)
     gb = guarded_input(bias) if bias is not None else None
     out = guarded_output((x.shape[0], channels, x.shape[2], x.shape[3]), x.dtype)
-    acc = scratch(forward_acc, ACC_DTYPE[x.dtype])
+    acc = acc_plan.allocate(x.dtype, ACC_DTYPE[x.dtype])
     status = emu.lib.mdc_forward(DTYPE_CODE[x.dtype], dims.data_ptr(), dil.data_ptr(), gx.ptr(), gw.ptr(),
                                  ptr_or_none(gb), int(relu), out.ptr(), ptr_or_none(acc))
     emu.check(status, "multi_dilation_conv forward")
@@ -116,24 +112,20 @@ def emulated_mdc_forward(emu: EmulatedLibrary, x, weight, dilations, bias, combi
     assert_unchanged(gw, packed, "the weight")
     if gb is not None:
         assert_unchanged(gb, bias, "the bias")
-    acc.check_guards("the forward scratch")
+    acc_plan.check(acc, "the forward scratch")
     assert_written(out, "output")
     return out.t
 
 
 def emulated_mdc_backward(emu: EmulatedLibrary, grad_output, x, weight, dilations, output, combine, relu):
     dims, dil = mdc_dims(x, weight, dilations, combine)
-    _, grad_x_acc, grad_pre, weight_partials, bias_partials = mdc_workspace(emu, dims, dil, relu)
-    n, cout, cin = weight.shape[:3]
+    plan = read_plan(emu.lib.mdc_plan, (dims.data_ptr(), dil.data_ptr(), int(relu), 1), 4)
     acc_dtype = ACC_DTYPE[x.dtype]
     packed = weight.permute(0, 3, 4, 2, 1).contiguous()
     ggo, gx_in, gw, gout = (guarded_input(t) for t in (grad_output, x, packed, output))
     gx = guarded_output(x.shape, x.dtype)
-    # Zero-filled by the wrapper: the kernels write the slots of the taps that read the map.
-    gw_partial = Guarded((weight_partials, n * 9, cout, cin), acc_dtype, 0.0, SENTINEL)
-    gb_partial = guarded_output((grad_output.shape[1], bias_partials), acc_dtype)
-    pre = scratch(grad_pre, x.dtype)
-    gx_acc = scratch(grad_x_acc, acc_dtype)
+    # grad_weight partials zero-filled: the kernels write the slots of the taps that read the map.
+    gw_partial, gb_partial, pre, gx_acc = (b.allocate(x.dtype, acc_dtype) for b in plan)
     status = emu.lib.mdc_backward(DTYPE_CODE[x.dtype], dims.data_ptr(), dil.data_ptr(), ggo.ptr(), gx_in.ptr(),
                                   gw.ptr(), gout.ptr(), int(relu), ptr_or_none(gx), gw_partial.ptr(),
                                   gb_partial.ptr(), ptr_or_none(pre), ptr_or_none(gx_acc))
@@ -142,58 +134,48 @@ def emulated_mdc_backward(emu: EmulatedLibrary, grad_output, x, weight, dilation
                        (gout, output, "output")):
         assert_unchanged(g, t, what)
     assert_written(gx, "grad_x")
-    assert_written(gb_partial, "grad_bias partials")
-    gw_partial.check_guards("grad_weight partials")
-    pre.check_guards("the grad_pre scratch")
-    gx_acc.check_guards("the grad_x scratch")
-    grad_weight = gw_partial.t.sum(0).view(n, 3, 3, cout, cin).permute(0, 3, 4, 1, 2).to(x.dtype)
-    return gx.t, grad_weight, gb_partial.t.sum(1).to(x.dtype)
-
-
-def sa_workspace(emu: EmulatedLibrary, dims) -> list[int]:
-    ws = torch.zeros(6, dtype=torch.int64)
-    emu.lib.sa_workspace(dims.data_ptr(), ws.data_ptr())
-    return ws.tolist()
+    for b, g, what in zip(plan, (gw_partial, gb_partial, pre, gx_acc),
+                          ("grad_weight partials", "grad_bias partials", "the grad_pre scratch",
+                           "the grad_x scratch")):
+        b.check(g, what)
+    return gx.t, plan[0].reduce(gw_partial.t, x.dtype), plan[1].reduce(gb_partial.t, x.dtype)
 
 
 def emulated_sa_forward(emu: EmulatedLibrary, x, weight):
     dims = torch.tensor(list(x.shape) + [weight.shape[-1]], dtype=torch.int64)
-    pooled_n, gate_n, *_ = sa_workspace(emu, dims)
+    plan = read_plan(emu.lib.sa_plan, (dims.data_ptr(), 0), 2)
     acc_dtype = ACC_DTYPE[x.dtype]
     gx, gw = guarded_input(x), guarded_input(weight)
     out = guarded_output(x.shape, x.dtype)
-    pooled, gate = scratch(pooled_n, acc_dtype), scratch(gate_n, acc_dtype)
+    pooled, gate = (b.allocate(x.dtype, acc_dtype) for b in plan)
     status = emu.lib.sa_forward(DTYPE_CODE[x.dtype], dims.data_ptr(), gx.ptr(), gw.ptr(), ptr_or_none(out),
                                 ptr_or_none(pooled), ptr_or_none(gate))
     emu.check(status, "spatial_attention forward")
     assert_unchanged(gx, x, "x")
     assert_unchanged(gw, weight, "the weight")
-    pooled.check_guards("the pooled scratch")
-    gate.check_guards("the gate scratch")
+    plan[0].check(pooled, "the pooled scratch")
+    plan[1].check(gate, "the gate scratch")
     assert_written(out, "output")
     return out.t
 
 
 def emulated_sa_backward(emu: EmulatedLibrary, grad_output, x, weight):
     dims = torch.tensor(list(x.shape) + [weight.shape[-1]], dtype=torch.int64)
-    pooled_n, gate_n, argmax_n, logit_n, gpooled_n, partials = sa_workspace(emu, dims)
+    plan = read_plan(emu.lib.sa_plan, (dims.data_ptr(), 1), 6)
     acc_dtype = ACC_DTYPE[x.dtype]
-    k = weight.shape[-1]
     ggo, gx_in, gw = guarded_input(grad_output), guarded_input(x), guarded_input(weight)
     gx = guarded_output(x.shape, x.dtype)
-    gw_partial = guarded_output((2 * k * k, partials), acc_dtype)
-    bufs = [scratch(pooled_n, acc_dtype), scratch(argmax_n, torch.int32), scratch(gate_n, acc_dtype),
-            scratch(logit_n, acc_dtype), scratch(gpooled_n, acc_dtype)]
+    gw_partial, *bufs = (b.allocate(x.dtype, acc_dtype) for b in plan)
     status = emu.lib.sa_backward(DTYPE_CODE[x.dtype], dims.data_ptr(), ggo.ptr(), gx_in.ptr(), gw.ptr(),
                                  ptr_or_none(gx), gw_partial.ptr(), *(ptr_or_none(b) for b in bufs))
     emu.check(status, "spatial_attention backward")
     for g, t, what in ((ggo, grad_output, "grad_output"), (gx_in, x, "x"), (gw, weight, "the weight")):
         assert_unchanged(g, t, what)
     assert_written(gx, "grad_x")
-    assert_written(gw_partial, "grad_weight partials")
-    for b in bufs:
-        b.check_guards("a backward scratch buffer")
-    return gx.t, gw_partial.t.sum(1).view(1, 2, k, k).to(x.dtype)
+    plan[0].check(gw_partial, "grad_weight partials")
+    for b, g in zip(plan[1:], bufs):
+        b.check(g, "a backward scratch buffer")
+    return gx.t, plan[0].reduce(gw_partial.t, x.dtype)
 
 
 # ---------------------------------------------------------------------------

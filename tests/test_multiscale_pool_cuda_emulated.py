@@ -27,10 +27,10 @@ import pytest
 import torch
 
 from medmtl._extension import extension_loaded
-from tests.cuda_emulation_buffers import (assert_unchanged, assert_written, guarded_input, guarded_output,
-                                          ptr_or_none, scratch)
+from tests.cuda_emulation_buffers import assert_unchanged, assert_written, guarded_input, guarded_output, ptr_or_none
 from tests.ties import kink_between, spaced_normal
 from tests.cuda_emulation_build import ACC_DTYPE, CSRC, DTYPE_CODE, EmulatedLibrary, build_emulations
+from tests.cuda_emulation_plan import read_plan
 
 KERNEL = "multiscale_pool_kernel"
 
@@ -60,7 +60,7 @@ TOLERANCE = {
 P, I = ctypes.c_void_p, ctypes.c_int
 # The entry points of tests/cuda_emulation/driver.cpp: name -> (argtypes, restype).
 SIGNATURES = {
-    "emu_workspace": ([P, P, P, I, P], None),
+    "emu_backward_plan": ([P, P, P, I, P], None),
     "emu_forward": ([I, P, P, P, P, P, P, I, I, P], I),
     "emu_backward": ([I, P, P, P, P, P, P, P, I, I, P, P, P, P, P], I),
     "emu_selftest": ([I, P], I),
@@ -72,13 +72,14 @@ def emulated(tmp_path_factory) -> dict[str, EmulatedLibrary]:
     if not extension_loaded():
         pytest.skip("medmtl._C is not built: no CPU op to compare with")
     # The kernel, its header and the device helpers it includes.
-    files = [f"{KERNEL}.cu", f"{KERNEL}.h", *sorted(p.name for p in (CSRC / "cuda").glob("*.cuh"))]
+    files = [f"{KERNEL}.cu", f"{KERNEL}.h", "launch_plan.h", *sorted(p.name for p in (CSRC / "cuda").glob("*.cuh"))]
     return build_emulations(tmp_path_factory.mktemp("cuda_emulation"), "driver.cpp", files, SMALL_LIMITS,
                             SIGNATURES, parallel=True)
 
 
 # ---------------------------------------------------------------------------
-# The torch wrapper of csrc/cuda/multiscale_pool_cuda.cpp, in Python.
+# The torch wrapper of csrc/cuda/multiscale_pool_cuda.cpp, in Python: its
+# buffers and sums of partials from its launch plan (csrc/cuda/launch_plan.h).
 
 @dataclass
 class Layout:
@@ -154,16 +155,10 @@ def emulated_backward(emu: EmulatedLibrary, grad_output, features, sizes, mode, 
     grads, scale_grads, shift_grads = [], [], []
     for i, x in enumerate(features):
         level = level_array(x, sizes, lay, i)
-        ws = torch.zeros(3, dtype=torch.int64)
-        emu.lib.emu_workspace(_ptr(level), _ptr(S), _ptr(O), is_max, _ptr(ws))
-        partials, argmax_elements, grad_elements = ws.tolist()
-        B, C = x.shape[:2]
+        plan = read_plan(emu.lib.emu_backward_plan, (_ptr(level), _ptr(S), _ptr(O), is_max), 4)
         gx_in = guarded_input(x)
         gx = guarded_output(tuple(x.shape), dtype)
-        gsc = guarded_output((B, C, partials), acc)
-        gsh = guarded_output((B, C, partials), acc)
-        argmax = guarded_output((argmax_elements,), torch.int64)
-        grad_scratch = scratch(grad_elements, acc)
+        gsc, gsh, argmax, grad_scratch = (b.allocate(dtype, acc) for b in plan)
         c0 = lay.channel_offset[i]
         status = emu.lib.emu_backward(
             DTYPE_CODE[dtype], _ptr(level), _ptr(S), _ptr(O), go.ptr(), gx_in.ptr(),
@@ -171,13 +166,14 @@ def emulated_backward(emu: EmulatedLibrary, grad_output, features, sizes, mode, 
             gsc.ptr(), gsh.ptr(), ptr_or_none(argmax), ptr_or_none(grad_scratch))
         emu.check(status, f"backward of level {i}")
         assert_unchanged(gx_in, x, f"input level {i}")
-        for g, what in ((gx, "grad_x"), (gsc, "grad_scale partials"), (gsh, "grad_shift partials")):
-            assert_written(g, f"{what} of level {i}")
-        argmax.check_guards(f"the argmax scratch of level {i}")
-        grad_scratch.check_guards(f"the gradient scratch of level {i}")
+        assert_written(gx, f"grad_x of level {i}")
+        for b, g, what in zip(plan, (gsc, gsh, argmax, grad_scratch),
+                              ("grad_scale partials", "grad_shift partials", "the argmax scratch",
+                               "the gradient scratch")):
+            b.check(g, f"{what} of level {i}")
         grads.append(gx.t)
-        scale_grads.append(gsc.t.sum((0, 2)))
-        shift_grads.append(gsh.t.sum((0, 2)))
+        scale_grads.append(plan[0].reduce(gsc.t, acc))
+        shift_grads.append(plan[1].reduce(gsh.t, acc))
     assert_unchanged(go, grad_output, "grad_output")
     for g, t, what in ((sc, scale, "scale"), (sh, shift, "shift")):
         if g is not None:

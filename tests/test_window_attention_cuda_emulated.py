@@ -33,12 +33,13 @@ import pytest
 import torch
 
 from medmtl.ops import reference
-from tests.cuda_emulation_buffers import (assert_unchanged, assert_written, guarded_input, guarded_output,
-                                          ptr_or_none, scratch)
+from tests.cuda_emulation_buffers import assert_unchanged, assert_written, guarded_input, guarded_output, ptr_or_none
 from tests.cuda_emulation_build import ACC_DTYPE, DTYPE_CODE, EmulatedLibrary, build_emulations
+from tests.cuda_emulation_plan import read_plan
 
 KERNEL = "window_attention_kernel"
-HEADERS = ("multiscale_pool_kernel.h", "device_common.cuh")  # included by the kernels (acc_type, to_acc)
+# Included by the kernels (acc_type, to_acc) and the driver (the wrapper's launch plan).
+HEADERS = ("multiscale_pool_kernel.h", "device_common.cuh", "launch_plan.h")
 
 # The "small limits" build: constant -> value. One warp per block, tiles that
 # divide nothing, head_dim chunks of 2-4 (several chunks, a partial last one,
@@ -71,6 +72,7 @@ P, I, D = ctypes.c_void_p, ctypes.c_int, ctypes.c_double
 SIGNATURES = {
     "wa_geometry": ([P, P], None),
     "wa_workspace": ([I, P, P], I),
+    "wa_backward_plan": ([I, P, P], I),
     "wa_forward": ([I, P, P, P, P, P, P, P, P, P, P, D, P, P], I),
     "wa_backward": ([I, P, P, P, P, P, P, P, P, P, P, P, P, P, P, P, D, P, P, P, P, P, P, P, P], I),
 }
@@ -253,8 +255,8 @@ def emulated_forward(emu: EmulatedLibrary, case: Case, inputs):
 
 def emulated_backward(emu: EmulatedLibrary, case: Case, inputs, out, lse):
     geo = geometry_array(case)
-    delta_n, grad_q_acc_n, partials = workspace(emu, case)
     acc = ACC_DTYPE[case.dtype]
+    plan = read_plan(emu.lib.wa_backward_plan, (DTYPE_CODE[case.dtype], geo.data_ptr()), 5)
     maps = TokenMaps(inputs)
     params = [guarded_input(inputs[n]) for n in ("table", "pad_key", "pad_value")]
     # grad_out: its own buffer, with its (possibly strided) layout.
@@ -267,10 +269,7 @@ def emulated_backward(emu: EmulatedLibrary, case: Case, inputs, out, lse):
         go_ptr = g_go.ptr(case.head_dim)
     g_out, g_lse = guarded_input(out), guarded_input(lse)
     gq, gk, gv = (guarded_output(case.shape, case.dtype) for _ in range(3))
-    table_partial = guarded_output((partials, case.table_rows, case.heads), acc)
-    pk_partial = guarded_output((partials, case.heads, case.head_dim), acc)
-    pv_partial = guarded_output((partials, case.heads, case.head_dim), acc)
-    delta, gq_acc = scratch(delta_n, acc), scratch(grad_q_acc_n, acc)
+    table_partial, pk_partial, pv_partial, delta, gq_acc = (b.allocate(case.dtype, acc) for b in plan)
     go_strides, out_strides = strides_array(go_src), strides_array(out)
     status = emu.lib.wa_backward(
         DTYPE_CODE[case.dtype], geo.data_ptr(), go_ptr, go_strides.data_ptr(), *maps.args(), g_out.ptr(),
@@ -285,14 +284,15 @@ def emulated_backward(emu: EmulatedLibrary, case: Case, inputs, out, lse):
     assert_unchanged(g_lse, lse, "lse")
     assert_unchanged(g_go, inputs["grad_out"] if inputs["grad_out_base"] is None else inputs["grad_out_base"],
                      "grad_out")
-    for g, what in ((gq, "grad_q"), (gk, "grad_k"), (gv, "grad_v"), (table_partial, "grad_table partials"),
-                    (pk_partial, "grad_pad_key partials"), (pv_partial, "grad_pad_value partials")):
+    for g, what in ((gq, "grad_q"), (gk, "grad_k"), (gv, "grad_v")):
         assert_written(g, what)
-    delta.check_guards("the delta scratch")
-    gq_acc.check_guards("the grad_q scratch")
+    partials = (table_partial, pk_partial, pv_partial)
+    for b, g, what in zip(plan, (*partials, delta, gq_acc),
+                          ("grad_table partials", "grad_pad_key partials", "grad_pad_value partials",
+                           "the delta scratch", "the grad_q scratch")):
+        b.check(g, what)
     # The wrapper's sums of the per-window partials.
-    return (gq.t, gk.t, gv.t, table_partial.t.sum(0).to(case.dtype), pk_partial.t.sum(0).to(case.dtype),
-            pv_partial.t.sum(0).to(case.dtype))
+    return (gq.t, gk.t, gv.t, *(b.reduce(g.t, case.dtype) for b, g in zip(plan, partials)))
 
 
 # ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@
 #include "../multi_dilation_conv_checks.h"
 #include "index_range.h"
 #include "multi_dilation_conv_kernel.h"
+#include "plan_tensors.h"
 #include "tensor_pointers.h"
 
 namespace medmtl {
@@ -65,7 +66,8 @@ at::Tensor multi_dilation_conv_cuda(const at::Tensor& x_in, const at::Tensor& we
   const cuda::MultiDilationConvWorkspace ws = cuda::multi_dilation_conv_workspace(dims, relu);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_dilation_conv_cuda", [&] {
     using acc_t = cuda::acc_type<cuda_scalar_t<scalar_t>>;
-    at::Tensor acc = at::empty({ws.forward_acc_elements}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    const cuda::MultiDilationConvForwardPlan plan = cuda::multi_dilation_conv_forward_plan(ws.forward_acc_elements);
+    at::Tensor acc = plan_tensor(plan.forward_acc, x.options(), c10::CppTypeToScalarType<acc_t>::value);
     C10_CUDA_CHECK(cuda::launch_multi_dilation_conv_forward(
         dims, device_ptr<scalar_t>(x), device_ptr<scalar_t>(w), device_ptr<scalar_t>(b), relu,
         device_mutable_ptr<scalar_t>(out), scratch_ptr<acc_t>(acc), stream));
@@ -89,24 +91,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_dilation_conv_backward_cuda
   const at::Tensor grad_output = grad_output_in.contiguous(), output = output_in.contiguous();
   const cuda::MultiDilationConvDims dims = dims_of(shape, dilations);
   const cuda::MultiDilationConvWorkspace ws = cuda::multi_dilation_conv_workspace(dims, relu);
-  const int64_t n = shape.branches, cout = shape.out_channels, cin = shape.in_channels;
   at::Tensor grad_x = at::empty(x.sizes(), x.options());
   at::Tensor grad_weight, grad_bias;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_dilation_conv_backward_cuda", [&] {
     using acc_t = cuda::acc_type<cuda_scalar_t<scalar_t>>;
-    const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    // Slots of taps that read only padding (and the unused taps of 1x1 branches) stay 0.
-    at::Tensor weight_partial = at::zeros({ws.weight_partials, n * 9, cout, cin}, acc_options);
-    at::Tensor bias_partial = at::empty({shape.output_channels(), ws.bias_partials}, acc_options);
-    at::Tensor grad_pre = at::empty({ws.grad_pre_elements}, x.options());
-    at::Tensor grad_x_acc = at::empty({ws.grad_x_acc_elements}, acc_options);
+    constexpr at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+    const cuda::MultiDilationConvBackwardPlan plan = cuda::multi_dilation_conv_backward_plan(
+        shape.branches, shape.out_channels, shape.in_channels, shape.output_channels(), ws.weight_partials,
+        ws.bias_partials, ws.grad_pre_elements, ws.grad_x_acc_elements);
+    // Slots of taps that read only padding (and the unused taps of 1x1 branches) stay 0 (zero_fill).
+    at::Tensor weight_partial = plan_tensor(plan.grad_weight_partial, x.options(), acc);
+    at::Tensor bias_partial = plan_tensor(plan.grad_bias_partial, x.options(), acc);
+    at::Tensor grad_pre = plan_tensor(plan.grad_pre, x.options(), acc);
+    at::Tensor grad_x_acc = plan_tensor(plan.grad_x_acc, x.options(), acc);
     C10_CUDA_CHECK(cuda::launch_multi_dilation_conv_backward(
         dims, device_ptr<scalar_t>(grad_output), device_ptr<scalar_t>(x), device_ptr<scalar_t>(w),
         device_ptr<scalar_t>(output), relu, device_mutable_ptr<scalar_t>(grad_x), scratch_ptr<acc_t>(weight_partial),
         scratch_ptr<acc_t>(bias_partial), device_mutable_ptr<scalar_t>(grad_pre), scratch_ptr<acc_t>(grad_x_acc), stream));
     // (n, 3, 3, Cout, Cin) -> (n, Cout, Cin, 3, 3).
-    grad_weight = weight_partial.sum(0).view({n, 3, 3, cout, cin}).permute({0, 3, 4, 1, 2}).to(x.scalar_type());
-    grad_bias = bias_partial.sum(1).to(x.scalar_type());
+    grad_weight = plan_reduce(plan.grad_weight_partial, weight_partial, x.scalar_type());
+    grad_bias = plan_reduce(plan.grad_bias_partial, bias_partial, x.scalar_type());
   });
   return {laid_out_like(grad_x, x_in), laid_out_like(grad_weight.contiguous(), weight), grad_bias};
 }

@@ -15,6 +15,7 @@
 #include "../multiscale_pool_checks.h"
 #include "index_range.h"
 #include "multiscale_pool_kernel.h"
+#include "plan_tensors.h"
 #include "tensor_pointers.h"
 
 namespace medmtl {
@@ -126,17 +127,19 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> multiscale_pool_back
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, go.scalar_type(), "multiscale_pool_backward_cuda", [&] {
     using cuda_t = cuda_scalar_t<scalar_t>;
     using acc_t = cuda::acc_type<cuda_t>;
-    const auto acc_options = go.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    constexpr at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
     for (size_t i = 0; i < features.size(); ++i) {
       const at::Tensor x = features[i].contiguous();
       const cuda::MultiscalePoolLevel level = level_of(x, output_sizes, layout, i);
       const cuda::MultiscalePoolBackwardWorkspace ws =
           cuda::multiscale_pool_backward_workspace(level, is_max);
+      const cuda::MultiscalePoolBackwardPlan plan = cuda::multiscale_pool_backward_plan(
+          layout.batch, layout.channels[i], ws.partials_per_plane, ws.argmax_elements, ws.grad_elements);
       at::Tensor gx = at::empty(x.sizes(), x.options());
-      at::Tensor gsc = at::empty({layout.batch, layout.channels[i], ws.partials_per_plane}, acc_options);
-      at::Tensor gsh = at::empty({layout.batch, layout.channels[i], ws.partials_per_plane}, acc_options);
-      at::Tensor argmax = at::empty({ws.argmax_elements}, go.options().dtype(at::kLong));
-      at::Tensor scratch = at::empty({ws.grad_elements}, acc_options);
+      at::Tensor gsc = plan_tensor(plan.grad_scale_partial, go.options(), acc);
+      at::Tensor gsh = plan_tensor(plan.grad_shift_partial, go.options(), acc);
+      at::Tensor argmax = plan_tensor(plan.argmax, go.options(), acc);
+      at::Tensor scratch = plan_tensor(plan.grad_scratch, go.options(), acc);
       const int64_t c0 = layout.channel_offset[i];
       C10_CUDA_CHECK(cuda::launch_multiscale_pool_backward(
           level, device_ptr<scalar_t>(go), device_ptr<scalar_t>(x), param_ptr<scalar_t>(sc, c0),
@@ -149,8 +152,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> multiscale_pool_back
                           ? gx.contiguous(x.dim() == 4 ? at::MemoryFormat::ChannelsLast
                                                        : at::MemoryFormat::ChannelsLast3d)
                           : gx);
-      scale_grads.push_back(gsc.sum(at::IntArrayRef{0, 2}));
-      shift_grads.push_back(gsh.sum(at::IntArrayRef{0, 2}));
+      scale_grads.push_back(plan_reduce(plan.grad_scale_partial, gsc, acc));
+      shift_grads.push_back(plan_reduce(plan.grad_shift_partial, gsh, acc));
     }
   });
   const auto dtype = features[0].scalar_type();

@@ -13,6 +13,7 @@
 
 #include "../spatial_attention_checks.h"
 #include "index_range.h"
+#include "plan_tensors.h"
 #include "spatial_attention_kernel.h"
 #include "tensor_pointers.h"
 
@@ -54,9 +55,11 @@ at::Tensor spatial_attention_cuda(const at::Tensor& x_in, const at::Tensor& weig
   const cuda::SpatialAttentionWorkspace ws = cuda::spatial_attention_workspace(dims);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_cuda", [&] {
     using acc_t = cuda::acc_type<cuda_scalar_t<scalar_t>>;
-    const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    at::Tensor pooled = at::empty({ws.pooled_elements}, acc_options);
-    at::Tensor gate = at::empty({ws.gate_elements}, acc_options);
+    constexpr at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+    const cuda::SpatialAttentionForwardPlan plan =
+        cuda::spatial_attention_forward_plan(ws.pooled_elements, ws.gate_elements);
+    at::Tensor pooled = plan_tensor(plan.pooled, x.options(), acc);
+    at::Tensor gate = plan_tensor(plan.gate, x.options(), acc);
     C10_CUDA_CHECK(cuda::launch_spatial_attention_forward(
         dims, device_ptr<scalar_t>(x), device_ptr<scalar_t>(weight), device_mutable_ptr<scalar_t>(out),
         scratch_ptr<acc_t>(pooled), scratch_ptr<acc_t>(gate), stream));
@@ -78,24 +81,26 @@ std::tuple<at::Tensor, at::Tensor> spatial_attention_backward_cuda(const at::Ten
   const at::Tensor grad_output = grad_output_in.contiguous();
   const cuda::SpatialAttentionDims dims = dims_of(x, weight);
   const cuda::SpatialAttentionWorkspace ws = cuda::spatial_attention_workspace(dims);
-  const int64_t k = dims.kernel_size;
   at::Tensor grad_x = at::empty(x.sizes(), x.options());
   at::Tensor grad_weight;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spatial_attention_backward_cuda", [&] {
     using acc_t = cuda::acc_type<cuda_scalar_t<scalar_t>>;
-    const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    at::Tensor weight_partial = at::empty({2 * k * k, ws.weight_partials}, acc_options);
-    at::Tensor pooled = at::empty({ws.pooled_elements}, acc_options);
-    at::Tensor argmax = at::empty({ws.argmax_elements}, x.options().dtype(at::kInt));
-    at::Tensor gate = at::empty({ws.gate_elements}, acc_options);
-    at::Tensor grad_logit = at::empty({ws.grad_logit_elements}, acc_options);
-    at::Tensor grad_pooled = at::empty({ws.grad_pooled_elements}, acc_options);
+    constexpr at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
+    const cuda::SpatialAttentionBackwardPlan plan = cuda::spatial_attention_backward_plan(
+        dims.kernel_size, ws.weight_partials, ws.pooled_elements, ws.argmax_elements, ws.gate_elements,
+        ws.grad_logit_elements, ws.grad_pooled_elements);
+    at::Tensor weight_partial = plan_tensor(plan.grad_weight_partial, x.options(), acc);
+    at::Tensor pooled = plan_tensor(plan.pooled, x.options(), acc);
+    at::Tensor argmax = plan_tensor(plan.argmax, x.options(), acc);
+    at::Tensor gate = plan_tensor(plan.gate, x.options(), acc);
+    at::Tensor grad_logit = plan_tensor(plan.grad_logit, x.options(), acc);
+    at::Tensor grad_pooled = plan_tensor(plan.grad_pooled, x.options(), acc);
     C10_CUDA_CHECK(cuda::launch_spatial_attention_backward(
         dims, device_ptr<scalar_t>(grad_output), device_ptr<scalar_t>(x), device_ptr<scalar_t>(weight),
         device_mutable_ptr<scalar_t>(grad_x), weight_partial.mutable_data_ptr<acc_t>(), scratch_ptr<acc_t>(pooled),
         scratch_ptr<int32_t>(argmax), scratch_ptr<acc_t>(gate), scratch_ptr<acc_t>(grad_logit),
         scratch_ptr<acc_t>(grad_pooled), stream));
-    grad_weight = weight_partial.sum(1).view({1, 2, k, k}).to(x.scalar_type());
+    grad_weight = plan_reduce(plan.grad_weight_partial, weight_partial, x.scalar_type());
   });
   return {laid_out_like(grad_x, x_in), laid_out_like(grad_weight, weight_in)};
 }

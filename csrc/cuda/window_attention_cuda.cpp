@@ -12,6 +12,7 @@
 
 #include "../window_attention_checks.h"
 #include "index_range.h"
+#include "plan_tensors.h"
 #include "tensor_pointers.h"
 #include "window_attention_kernel.h"
 
@@ -85,14 +86,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "window_attention_backward_cuda", [&] {
     using cuda_t = cuda_scalar_t<scalar_t>;
     using acc_t = cuda::acc_type<cuda_t>;
-    const auto acc_options = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    constexpr at::ScalarType acc = c10::CppTypeToScalarType<acc_t>::value;
     const cuda::WindowAttentionWorkspace ws = cuda::window_attention_workspace<cuda_t>(g);
+    const cuda::WindowAttentionBackwardPlan plan = cuda::window_attention_backward_plan(
+        g.table_rows, g.heads, g.head_dim, ws.partials, ws.delta_elements, ws.grad_q_acc_elements);
     // Per-window partials, every element written by the kernels (none for an empty batch).
-    at::Tensor table_partial = at::empty({ws.partials, g.table_rows, g.heads}, acc_options);
-    at::Tensor pad_key_partial = at::empty({ws.partials, g.heads, g.head_dim}, acc_options);
-    at::Tensor pad_value_partial = at::empty({ws.partials, g.heads, g.head_dim}, acc_options);
-    at::Tensor delta = at::empty({ws.delta_elements}, acc_options);
-    at::Tensor grad_q_acc = at::empty({ws.grad_q_acc_elements}, acc_options);
+    at::Tensor table_partial = plan_tensor(plan.grad_table_partial, q.options(), acc);
+    at::Tensor pad_key_partial = plan_tensor(plan.grad_pad_key_partial, q.options(), acc);
+    at::Tensor pad_value_partial = plan_tensor(plan.grad_pad_value_partial, q.options(), acc);
+    at::Tensor delta = plan_tensor(plan.delta, q.options(), acc);
+    at::Tensor grad_q_acc = plan_tensor(plan.grad_q_acc, q.options(), acc);
     C10_CUDA_CHECK(cuda::launch_window_attention_backward(
         g, device_ptr<scalar_t>(grad_out), token_strides(grad_out), device_ptr<scalar_t>(q), token_strides(q),
         device_ptr<scalar_t>(k), token_strides(k), device_ptr<scalar_t>(v), token_strides(v), device_ptr<scalar_t>(out),
@@ -101,9 +104,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         device_mutable_ptr<scalar_t>(grad_k), device_mutable_ptr<scalar_t>(grad_v), scratch_ptr<acc_t>(table_partial),
         scratch_ptr<acc_t>(pad_key_partial), scratch_ptr<acc_t>(pad_value_partial), scratch_ptr<acc_t>(delta),
         scratch_ptr<acc_t>(grad_q_acc), stream));
-    grad_table = table_partial.sum(0).to(q.scalar_type());
-    grad_pad_key = pad_key_partial.sum(0).to(q.scalar_type());
-    grad_pad_value = pad_value_partial.sum(0).to(q.scalar_type());
+    grad_table = plan_reduce(plan.grad_table_partial, table_partial, q.scalar_type());
+    grad_pad_key = plan_reduce(plan.grad_pad_key_partial, pad_key_partial, q.scalar_type());
+    grad_pad_value = plan_reduce(plan.grad_pad_value_partial, pad_value_partial, q.scalar_type());
   });
   return {grad_q, grad_k, grad_v, grad_table, grad_pad_key, grad_pad_value};
 }

@@ -14,9 +14,12 @@
 // launch is logged (emu_log()) so that the test can check which paths ran.
 // emu_selftest() runs small kernels that check the emulation itself.
 //
-// What it does not do: the torch wrapper's input checks, allocations, dtype
-// dispatch and the final sums of the grad_scale / grad_shift partials (the test
-// mirrors those in Python); no device memory, no streams (all on the host,
+// The buffers the wrapper allocates and the sums of the grad_scale / grad_shift
+// partials come from the wrapper's own launch plan (csrc/cuda/launch_plan.h,
+// emu_backward_plan), which the test allocates and reduces as it says.
+//
+// What it does not do: the torch wrapper's input checks and dtype dispatch;
+// no device memory, no streams (all on the host,
 // synchronously); see cuda_emu.h for what the emulation leaves out.
 #include "cuda_emu.h"
 // emu_reset, emu_error, emu_log; EMU_EXPORT, EMU_DISPATCH.
@@ -111,6 +114,17 @@ EMU_EXPORT void emu_workspace(const int64_t* g, const int64_t* sizes, const int6
   res[0] = ws.partials_per_plane;
   res[1] = ws.argmax_elements;
   res[2] = ws.grad_elements;
+}
+
+// The wrapper's buffers of a level's backward (launch_plan.h), in the
+// launcher's order: grad_scale_partial grad_shift_partial argmax grad_scratch.
+EMU_EXPORT void emu_backward_plan(const int64_t* g, const int64_t* sizes, const int64_t* size_offset, int is_max,
+                                  int64_t* out) {
+  const MultiscalePoolLevel l = make_level(g, sizes, size_offset);
+  const MultiscalePoolBackwardWorkspace ws = multiscale_pool_backward_workspace(l, is_max != 0);
+  const MultiscalePoolBackwardPlan p = multiscale_pool_backward_plan(l.batch, l.channels, ws.partials_per_plane,
+                                                                     ws.argmax_elements, ws.grad_elements);
+  write_plan({p.grad_scale_partial, p.grad_shift_partial, p.argmax, p.grad_scratch}, out);
 }
 
 // dtype: see EMU_DISPATCH.

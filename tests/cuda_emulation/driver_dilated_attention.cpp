@@ -16,9 +16,11 @@
 // taps of a multi_dilation_conv read the map) and the tap range functions of
 // csrc/core/dilated_taps.h, for the test to check against brute force.
 //
-// What it does not do: the wrappers' input checks, allocations, weight packing,
-// dtype dispatch and final sums of the partials (the test mirrors those in
-// Python); see cuda_emu.h for what the emulation leaves out.
+// The buffers the wrappers allocate and the sums of the partials come from the
+// wrappers' own launch plans (csrc/cuda/launch_plan.h: mdc_plan, sa_plan).
+//
+// What it does not do: the wrappers' input checks, weight packing and dtype
+// dispatch (the test mirrors the packing in Python); see cuda_emu.h for what the emulation leaves out.
 #include "cuda_emu.h"
 // emu_reset, emu_error, emu_log; EMU_EXPORT, EMU_DISPATCH.
 #include "driver_common.h"
@@ -105,6 +107,36 @@ EMU_EXPORT void mdc_workspace(const int64_t* d, const int64_t* dilations, int re
   res[2] = ws.grad_pre_elements;
   res[3] = ws.weight_partials;
   res[4] = ws.bias_partials;
+}
+
+// The wrappers' buffers (launch_plan.h), in the launchers' order. Forward:
+// forward_acc; backward: grad_weight_partial grad_bias_partial grad_pre grad_x_acc.
+EMU_EXPORT void mdc_plan(const int64_t* d, const int64_t* dilations, int relu, int backward, int64_t* out) {
+  const MultiDilationConvDims m = make_mdc(d, dilations);
+  const MultiDilationConvWorkspace ws = multi_dilation_conv_workspace(m, relu != 0);
+  if (backward == 0) {
+    write_plan({multi_dilation_conv_forward_plan(ws.forward_acc_elements).forward_acc}, out);
+    return;
+  }
+  const MultiDilationConvBackwardPlan p = multi_dilation_conv_backward_plan(
+      m.branches, m.out_channels, m.in_channels, m.output_channels(), ws.weight_partials, ws.bias_partials,
+      ws.grad_pre_elements, ws.grad_x_acc_elements);
+  write_plan({p.grad_weight_partial, p.grad_bias_partial, p.grad_pre, p.grad_x_acc}, out);
+}
+
+// Forward: pooled gate; backward: grad_weight_partial pooled argmax gate grad_logit grad_pooled.
+EMU_EXPORT void sa_plan(const int64_t* d, int backward, int64_t* out) {
+  const SpatialAttentionDims s = make_sa(d);
+  const SpatialAttentionWorkspace ws = spatial_attention_workspace(s);
+  if (backward == 0) {
+    const SpatialAttentionForwardPlan p = spatial_attention_forward_plan(ws.pooled_elements, ws.gate_elements);
+    write_plan({p.pooled, p.gate}, out);
+    return;
+  }
+  const SpatialAttentionBackwardPlan p = spatial_attention_backward_plan(
+      s.kernel_size, ws.weight_partials, ws.pooled_elements, ws.argmax_elements, ws.gate_elements,
+      ws.grad_logit_elements, ws.grad_pooled_elements);
+  write_plan({p.grad_weight_partial, p.pooled, p.argmax, p.gate, p.grad_logit, p.grad_pooled}, out);
 }
 
 // The taps that the launchers run (those that read the map): count, and up to

@@ -16,8 +16,10 @@
 // back as the launchers' cudaError_t (0 = success), with emu_error() saying
 // what went wrong; every launch is logged (emu_log()).
 //
-// What it does not do: the wrapper's input checks, allocations, dtype dispatch
-// and the final sums of the partials (the test mirrors those in Python); see
+// The buffers the wrapper allocates and the sums of the partials come from the
+// wrapper's own launch plan (csrc/cuda/launch_plan.h, wa_backward_plan).
+//
+// What it does not do: the wrapper's input checks and dtype dispatch; see
 // cuda_emu.h for what the emulation leaves out.
 #include "cuda_emu.h"
 // emu_reset, emu_error, emu_log; EMU_EXPORT, EMU_DISPATCH.
@@ -50,6 +52,15 @@ int run_workspace(const core::WindowGeometry& g, int64_t* res) {
   res[0] = ws.delta_elements;
   res[1] = ws.grad_q_acc_elements;
   res[2] = ws.partials;
+  return 0;
+}
+
+template <typename T>
+int run_backward_plan(const core::WindowGeometry& g, int64_t* out) {
+  const WindowAttentionWorkspace ws = window_attention_workspace<T>(g);
+  const WindowAttentionBackwardPlan p = window_attention_backward_plan(g.table_rows, g.heads, g.head_dim, ws.partials,
+                                                                       ws.delta_elements, ws.grad_q_acc_elements);
+  write_plan({p.grad_table_partial, p.grad_pad_key_partial, p.grad_pad_value_partial, p.delta, p.grad_q_acc}, out);
   return 0;
 }
 
@@ -103,6 +114,13 @@ EMU_EXPORT void wa_geometry(const int64_t* d, int64_t* res) {
 EMU_EXPORT int wa_workspace(int dtype, const int64_t* d, int64_t* res) {
   const core::WindowGeometry g = make_geometry(d);
   EMU_DISPATCH(dtype, run_workspace, g, res)
+}
+
+// The wrapper's buffers of the backward (launch_plan.h), in the launcher's
+// order: grad_table_partial grad_pad_key_partial grad_pad_value_partial delta grad_q_acc.
+EMU_EXPORT int wa_backward_plan(int dtype, const int64_t* d, int64_t* out) {
+  const core::WindowGeometry g = make_geometry(d);
+  EMU_DISPATCH(dtype, run_backward_plan, g, out)
 }
 
 EMU_EXPORT int wa_forward(int dtype, const int64_t* d, const void* q, const int64_t* qs, const void* k,

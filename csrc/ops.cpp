@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/cpu_capability.h"
 #include "cpu/derived_weight_cache.h"
 #include "cpu/private_ops.h"
 #include "cpu/winograd_conv3x3.h"
@@ -127,6 +128,12 @@ PyObject* PyInit__C(void) {
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
   medmtl::private_op_fallbacks();  // each private op's schema is checked once, at load
+  // The CPU kernels' copy in force (csrc/cpu/cpu_capability.h), the best this
+  // CPU supports, and why they differ (or what was ignored).
+  const medmtl::CpuCapabilityChoice& cpu = medmtl::cpu_capability();
+  PyModule_AddStringConstant(module, "cpu_capability", medmtl::cpu_capability_name(cpu.in_force));
+  PyModule_AddStringConstant(module, "cpu_capability_supported", medmtl::cpu_capability_name(cpu.supported));
+  PyModule_AddStringConstant(module, "cpu_capability_note", cpu.note.c_str());
   PyModule_AddIntConstant(module, "with_cuda", MEDMTL_WITH_CUDA);
   PyModule_AddStringConstant(module, "cuda_arch_list", MEDMTL_CUDA_ARCHS);
   return module;

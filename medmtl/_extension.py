@@ -34,3 +34,12 @@ def private_op_fallbacks() -> list[str]:
     cpu backend replaces by public ATen calls, its schema differing from the one
     medmtl was written for (csrc/cpu/private_ops.h); empty when all are used."""
     return list(_C.private_op_fallbacks()) if _C is not None else []
+
+
+def cpu_capability() -> str:
+    """The CPU kernels' copy in force ("default", "avx2" or "avx512"; csrc/cpu/cpu_capability.h),
+    the best this CPU supports, and why they differ (or what was ignored); "" when not built."""
+    if _C is None:
+        return ""
+    note = _C.cpu_capability_note or "MEDMTL_CPU_CAPABILITY=default|avx2|avx512 forces a lower one"
+    return f"{_C.cpu_capability} (this CPU supports {_C.cpu_capability_supported}; {note})"

@@ -6,8 +6,8 @@ import importlib.metadata
 
 import torch
 
-from medmtl._extension import (BUILD_HINT, EXTENSION_ERROR, cuda_arch_list, extension_has_cuda, extension_loaded,
-                               private_op_fallbacks)
+from medmtl._extension import (BUILD_HINT, EXTENSION_ERROR, cpu_capability, cuda_arch_list, extension_has_cuda,
+                               extension_loaded, private_op_fallbacks)
 from medmtl.ops.flags import get_flags
 from medmtl.ops.backends import KERNEL_BACKENDS, OPS, get_backend, resolve_backend, triton_error, unavailable_reason
 
@@ -33,6 +33,7 @@ def info() -> str:
         + {True: "on", False: "off", None: "n/a (no extension)"}[get_flags()["winograd"]],
     ]
     if extension_loaded():
+        lines.append(f"CPU kernels: {cpu_capability()}")
         fallbacks = private_op_fallbacks()
         lines.append("private torch ops (oneDNN fused convolutions): " +
                      ("used" if not fallbacks else "not used, the public path instead:"))

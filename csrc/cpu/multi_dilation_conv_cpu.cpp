@@ -49,7 +49,11 @@
 #include "private_ops.h"
 #include "winograd_conv3x3.h"
 
+// Everything below is compiled per CPU capability (cpu_capability.h).
+#include "cpu_capability_target.h"
+
 namespace medmtl {
+inline namespace MEDMTL_CPU_NS {
 namespace {
 
 // Whether branch `dilation` reads the map only through its centre tap.
@@ -414,9 +418,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_dilation_conv_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(medmtl, CPU, m) {
+// Called by cpu_capability.cpp for the capability in force (CPU kernels).
+void register_multi_dilation_conv_cpu(torch::Library& m) {
   m.impl("multi_dilation_conv", &multi_dilation_conv_cpu);
   m.impl("multi_dilation_conv_backward", &multi_dilation_conv_backward_cpu);
 }
 
+}  // namespace MEDMTL_CPU_NS
 }  // namespace medmtl

@@ -45,7 +45,11 @@
 #include "../core/dilated_taps.h"
 #include "../layout.h"
 
+// Everything below is compiled per CPU capability (cpu_capability.h).
+#include "cpu_capability_target.h"
+
 namespace medmtl {
+inline namespace MEDMTL_CPU_NS {
 namespace {
 
 // An off-centre tap that reads the map: output positions [y0, y1) x [x0, x1)
@@ -368,4 +372,5 @@ std::tuple<at::Tensor, at::Tensor> multi_dilation_conv_taps_backward(const at::T
   return {laid_out_like(grad_x, x), weight_laid_out_like(grad_weight, weight_in)};
 }
 
+}  // namespace MEDMTL_CPU_NS
 }  // namespace medmtl

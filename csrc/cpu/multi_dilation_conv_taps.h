@@ -7,7 +7,10 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu_capability.h"
+
 namespace medmtl {
+inline namespace MEDMTL_CPU_NS {  // one copy per CPU capability (cpu_capability.h)
 
 // act(combine_i(conv_i(x)) + bias) with branch i a 3x3 convolution at
 // dilations[i] (0: 1x1), "same" padding.
@@ -25,4 +28,5 @@ std::tuple<at::Tensor, at::Tensor> multi_dilation_conv_taps_backward(const at::T
                                                                      const at::Tensor& weight,
                                                                      at::IntArrayRef dilations, bool concat);
 
+}  // namespace MEDMTL_CPU_NS
 }  // namespace medmtl

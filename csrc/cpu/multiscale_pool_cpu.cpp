@@ -11,7 +11,11 @@
 #include "../core/multiscale_pool.h"
 #include "../multiscale_pool_checks.h"
 
+// Everything below is compiled per CPU capability (cpu_capability.h).
+#include "cpu_capability_target.h"
+
 namespace medmtl {
+inline namespace MEDMTL_CPU_NS {
 namespace {
 
 constexpr int64_t kChannelBlock = 64;  // channels per task in the channels-last path
@@ -220,9 +224,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> multiscale_pool_back
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(medmtl, CPU, m) {
+// Called by cpu_capability.cpp for the capability in force (CPU kernels).
+void register_multiscale_pool_cpu(torch::Library& m) {
   m.impl("multiscale_pool", &multiscale_pool_cpu);
   m.impl("multiscale_pool_backward", &multiscale_pool_backward_cpu);
 }
 
+}  // namespace MEDMTL_CPU_NS
 }  // namespace medmtl

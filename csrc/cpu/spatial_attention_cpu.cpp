@@ -19,9 +19,14 @@
 
 #include "../layout.h"
 #include "../spatial_attention_checks.h"
+
+// Everything below is compiled per CPU capability (cpu_capability.h).
+#include "cpu_capability_target.h"
+// After the target: its loops vectorise with the capability's instructions.
 #include "transpose_tiles.h"
 
 namespace medmtl {
+inline namespace MEDMTL_CPU_NS {
 namespace {
 
 constexpr int64_t kPixelBlock = 256;  // pixels per task: each task walks the channels of its block
@@ -281,9 +286,11 @@ std::tuple<at::Tensor, at::Tensor> spatial_attention_backward_cpu(const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(medmtl, CPU, m) {
+// Called by cpu_capability.cpp for the capability in force (CPU kernels).
+void register_spatial_attention_cpu(torch::Library& m) {
   m.impl("spatial_attention", &spatial_attention_cpu);
   m.impl("spatial_attention_backward", &spatial_attention_backward_cpu);
 }
 
+}  // namespace MEDMTL_CPU_NS
 }  // namespace medmtl

@@ -7,7 +7,12 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cpu_capability.h"
+
 namespace medmtl {
+// One copy per CPU capability (cpu_capability.h): include it after
+// cpu_capability_target.h.
+inline namespace MEDMTL_CPU_NS {
 
 constexpr int64_t kTransposeTile = 64;
 
@@ -43,4 +48,5 @@ void transpose_matrices(const T* src, T* dst, int64_t count, int64_t R, int64_t 
   });
 }
 
+}  // namespace MEDMTL_CPU_NS
 }  // namespace medmtl

@@ -23,7 +23,11 @@
 #include "../window_attention_checks.h"
 #include "core/softmax_exp.h"
 
+// Everything below is compiled per CPU capability (cpu_capability.h).
+#include "cpu_capability_target.h"
+
 namespace medmtl {
+inline namespace MEDMTL_CPU_NS {
 namespace {
 
 using core::WindowGeometry;
@@ -394,9 +398,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(medmtl, CPU, m) {
+// Called by cpu_capability.cpp for the capability in force (CPU kernels).
+void register_window_attention_cpu(torch::Library& m) {
   m.impl("window_attention", &window_attention_cpu);
   m.impl("window_attention_backward", &window_attention_backward_cpu);
 }
 
+}  // namespace MEDMTL_CPU_NS
 }  // namespace medmtl

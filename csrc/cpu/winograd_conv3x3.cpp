@@ -44,7 +44,11 @@
 #include "../core/dilated_taps.h"
 #include "derived_weight_cache.h"
 
+// Everything below is compiled per CPU capability (cpu_capability.h).
+#include "cpu_capability_target.h"
+
 namespace medmtl {
+inline namespace MEDMTL_CPU_NS {
 namespace {
 
 constexpr int64_t kPoints = 36;     // transformed positions of a 6x6 tile
@@ -133,6 +137,7 @@ inline void kernel_adjoint_1d(const T* __restrict in, int64_t in_step, T* __rest
 // ---- GEMMs on row-major matrices
 
 }  // namespace
+}  // namespace MEDMTL_CPU_NS
 }  // namespace medmtl
 
 // The BLAS that ATen links (MKL or OpenBLAS) exports the Fortran GEMMs; weak,
@@ -147,6 +152,7 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 }
 
 namespace medmtl {
+inline namespace MEDMTL_CPU_NS {
 namespace {
 
 // C (m x n) = op(A) op(B) (+ C when accumulating), row-major with leading
@@ -709,4 +715,5 @@ std::tuple<at::Tensor, at::Tensor, bool> winograd_conv3x3_backward(const at::Ten
   return {grad_x, grad_weight, !non_finite.load() && at::isfinite(grad_weight).all().item<bool>()};
 }
 
+}  // namespace MEDMTL_CPU_NS
 }  // namespace medmtl

@@ -8,7 +8,10 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu_capability.h"
+
 namespace medmtl {
+inline namespace MEDMTL_CPU_NS {  // one copy per CPU capability (cpu_capability.h)
 
 // Accuracy (benchmarks/winograd_accuracy.py, quoted in docs/layers.md): in float32
 // the tiles' largest error is 0.6-1.0e-5 of max|y| (64 -> 64 to 1024 -> 256
@@ -55,4 +58,5 @@ bool winograd_conv3x3_into(const at::Tensor& x, const at::Tensor& weight, int64_
 std::tuple<at::Tensor, at::Tensor, bool> winograd_conv3x3_backward(const at::Tensor& grad, const at::Tensor& x,
                                                                    const at::Tensor& weight, int64_t dilation);
 
+}  // namespace MEDMTL_CPU_NS
 }  // namespace medmtl

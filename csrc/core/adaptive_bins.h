@@ -11,9 +11,11 @@
 #include <cstdint>
 
 #include "host_device.h"
+#include "cpu_copy.h"
 
 namespace medmtl {
 namespace core {
+MEDMTL_CORE_CPU_COPY_BEGIN  // one copy per CPU capability in the CPU kernels (cpu_copy.h)
 
 template <typename index_t>
 MEDMTL_HOST_DEVICE inline index_t adaptive_bin_start(index_t bin, index_t in, index_t out) {
@@ -72,5 +74,6 @@ MEDMTL_HOST_DEVICE inline bool max_pool_takes(acc_t candidate, acc_t current) {
   return candidate > current || candidate != candidate;
 }
 
+MEDMTL_CORE_CPU_COPY_END
 }  // namespace core
 }  // namespace medmtl

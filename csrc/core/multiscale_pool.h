@@ -20,9 +20,11 @@
 #include <vector>
 
 #include "adaptive_bins.h"
+#include "cpu_copy.h"
 
 namespace medmtl {
 namespace core {
+MEDMTL_CORE_CPU_COPY_BEGIN  // one copy per CPU capability in the CPU kernels (cpu_copy.h)
 
 enum class PoolMode : int { kAvg = 0, kMax = 1 };
 
@@ -438,5 +440,6 @@ void pool_channels_last_backward(const scalar_t* x, int64_t position_stride, int
   }
 }
 
+MEDMTL_CORE_CPU_COPY_END
 }  // namespace core
 }  // namespace medmtl

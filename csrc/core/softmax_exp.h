@@ -11,9 +11,11 @@
 
 #include <cmath>
 #include <cstdint>
+#include "cpu_copy.h"
 
 namespace medmtl {
 namespace core {
+MEDMTL_CORE_CPU_COPY_BEGIN  // one copy per CPU capability in the CPU kernels (cpu_copy.h)
 
 inline float softmax_exp(float x) {
   // In [-88, 88] (NaN -> -88; its result is replaced below) so that 2^n stays a
@@ -71,5 +73,6 @@ T row_max(const T* row, int64_t n) {
   return peak;
 }
 
+MEDMTL_CORE_CPU_COPY_END
 }  // namespace core
 }  // namespace medmtl

@@ -8,11 +8,12 @@
 
 #include <vector>
 
-#include "../core/multiscale_pool.h"
 #include "../multiscale_pool_checks.h"
 
 // Everything below is compiled per CPU capability (cpu_capability.h).
 #include "cpu_capability_target.h"
+// After the target: one copy of its loops per capability (core/cpu_copy.h).
+#include "../core/multiscale_pool.h"
 
 namespace medmtl {
 inline namespace MEDMTL_CPU_NS {

@@ -21,10 +21,11 @@
 #include <vector>
 
 #include "../window_attention_checks.h"
-#include "core/softmax_exp.h"
 
 // Everything below is compiled per CPU capability (cpu_capability.h).
 #include "cpu_capability_target.h"
+// After the target: one copy of its loops per capability (core/cpu_copy.h).
+#include "core/softmax_exp.h"
 
 namespace medmtl {
 inline namespace MEDMTL_CPU_NS {

@@ -600,19 +600,7 @@ MultiplyAdds multiply_adds(int64_t batch, int64_t height, int64_t width, int64_t
 
 bool winograd_dtype(at::ScalarType dtype) { return dtype == at::kFloat || dtype == at::kDouble; }
 
-std::atomic<bool>& winograd_switch() {
-  static std::atomic<bool> enabled{[] {
-    const char* value = std::getenv("MEDMTL_WINOGRAD");
-    return value == nullptr || std::string(value) != "0";
-  }()};
-  return enabled;
-}
-
 }  // namespace
-
-bool winograd_enabled() { return winograd_switch().load(std::memory_order_relaxed); }
-
-void set_winograd_enabled(bool enabled) { winograd_switch().store(enabled, std::memory_order_relaxed); }
 
 bool winograd_pays(int64_t batch, int64_t height, int64_t width, int64_t dilation, at::ScalarType dtype) {
   if (!winograd_enabled() || !winograd_dtype(dtype) || dilation < 1 || batch < 1) return false;
@@ -716,4 +704,21 @@ std::tuple<at::Tensor, at::Tensor, bool> winograd_conv3x3_backward(const at::Ten
 }
 
 }  // namespace MEDMTL_CPU_NS
+
+#if MEDMTL_CPU_CAPABILITY == 0  // one switch, defined in the default copy, read by every copy
+namespace {
+std::atomic<bool>& winograd_switch() {
+  static std::atomic<bool> enabled{[] {
+    const char* value = std::getenv("MEDMTL_WINOGRAD");
+    return value == nullptr || std::string(value) != "0";
+  }()};
+  return enabled;
+}
+}  // namespace
+
+bool winograd_enabled() { return winograd_switch().load(std::memory_order_relaxed); }
+
+void set_winograd_enabled(bool enabled) { winograd_switch().store(enabled, std::memory_order_relaxed); }
+#endif
+
 }  // namespace medmtl

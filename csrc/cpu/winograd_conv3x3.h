@@ -11,6 +11,11 @@
 #include "cpu_capability.h"
 
 namespace medmtl {
+
+// The Winograd switch (see below), shared by every CPU capability copy.
+bool winograd_enabled();
+void set_winograd_enabled(bool enabled);
+
 inline namespace MEDMTL_CPU_NS {  // one copy per CPU capability (cpu_capability.h)
 
 // Accuracy (benchmarks/winograd_accuracy.py, quoted in docs/layers.md): in float32
@@ -21,9 +26,8 @@ inline namespace MEDMTL_CPU_NS {  // one copy per CPU capability (cpu_capability
 // float64 stays within 1e-12 of max|y|; half precision is never tiled.
 //
 // The switch: medmtl.set_flags(winograd=False) or MEDMTL_WINOGRAD=0 (read at
-// load) turns the tiles off: every branch convolves directly.
-bool winograd_enabled();
-void set_winograd_enabled(bool enabled);
+// load) turns the tiles off: every branch convolves directly. (One switch for
+// all the capability copies: declared in medmtl:: below.)
 
 // Whether a 3x3 convolution at dilation d (>= 1) on B x H x W maps of `dtype`
 // is cheaper as Winograd tiles than as direct taps (float32 and float64 only;

@@ -4,7 +4,7 @@ The C++ CPU kernels are always built (OpenMP, -O3), portable (x86-64-v2),
 with AVX2 and AVX-512 copies of the kernels chosen at load (see
 docs/cpu_builds.md; MEDMTL_CPU_ARCH sets another baseline). The CUDA kernels are built
 when torch is a CUDA build and nvcc is found; MEDMTL_BUILD_CUDA=0|1 forces
-either. Arches come from TORCH_CUDA_ARCH_LIST (default "8.0;9.0").
+either. Arches come from TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX").
 Install: pip install --no-build-isolation -e .
 """
 
@@ -18,7 +18,8 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# PTX of the newest arch: GPUs newer than it (e.g. Blackwell) JIT-compile it instead of failing.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def _want_cuda(torch_cuda_version: str | None) -> bool:

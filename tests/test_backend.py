@@ -205,3 +205,48 @@ def test_torch_compile_guards_on_the_scoped_backend_per_thread():
     assert len(graphs) == 2, "no recompile for the other thread's backend"
     assert not any("medmtl" in t for t in graphs[0])
     assert used_op == [True]
+
+
+@pytest.mark.parametrize("capability, arch_list, runs", [
+    ((8, 0), "8.0;9.0+PTX", True),
+    ((8, 6), "8.0;9.0+PTX", True),      # sm_80 SASS runs on 8.x with x >= 0
+    ((9, 0), "8.0;9.0+PTX", True),
+    ((10, 0), "8.0;9.0+PTX", True),     # Blackwell JIT-compiles the compute_90 PTX
+    ((10, 0), "8.0;9.0", False),        # no PTX: no kernel image
+    ((7, 5), "8.0;9.0+PTX", False),     # T4: older than every arch
+    ((7, 0), "7.0+PTX;8.0", True),
+    ((9, 0), "9.0a", True),
+    ((10, 0), "9.0a", False),           # arch-specific SASS runs on its own capability only
+    ((8, 9), "", False),
+])
+def test_arch_mismatch_follows_cuda_binary_compatibility(capability, arch_list, runs):
+    reason = backend_module.arch_mismatch(capability, arch_list)
+    assert (reason is None) == runs
+    if not runs:
+        assert f"compute capability {capability[0]}.{capability[1]}" in reason and "no kernel image" in reason
+
+
+def test_auto_skips_cuda_on_a_gpu_the_extension_has_no_code_for(monkeypatch):
+    """A T4 (sm_75) with the default 8.0;9.0+PTX build: auto warns once and takes triton
+    (or the reference); asking for cuda explicitly raises with the reason."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(backend_module, "extension_loaded", lambda: True)
+    monkeypatch.setattr(backend_module, "extension_has_cuda", lambda: True)
+    monkeypatch.setattr(backend_module, "cuda_arch_list", lambda: "8.0;9.0+PTX")
+    monkeypatch.setattr(backend_module, "triton_error", lambda: None)
+    monkeypatch.setattr(backend_module, "_WARNED", set())
+    device = torch.device("cuda", 0)
+    with pytest.warns(RuntimeWarning, match=r"multiscale_pool on cuda:0 runs on backend 'triton', not 'cuda' "
+                                            r"\(cuda: .*compute capability 7.5 \(no kernel image\)"):
+        assert resolve_backend("multiscale_pool", device) == "triton"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per op and device
+        assert resolve_backend("multiscale_pool", device) == "triton"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert resolve_backend("window_attention", device) == "cuda"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with medmtl.backend("cuda"), pytest.raises(BackendUnavailableError, match="no kernel image"):
+        resolve_backend("window_attention", device)

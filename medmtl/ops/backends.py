@@ -4,6 +4,10 @@ Every op has the backends `reference` (plain PyTorch, the oracle), `cpu` (C++),
 `cuda` (CUDA C++) and `triton`. `auto` (the default) takes, for CPU tensors,
 `cpu` when the extension is built and `reference` otherwise; for CUDA tensors,
 the first available of the op's entry in `GPU_PREFERENCE`, else `reference`.
+`cuda` is available only on a device the extension has code for (SASS of the
+device's major version at or below its minor, or PTX at or below its
+capability, which the driver compiles); where `auto` passes over a preferred
+backend on a GPU it warns once per op and device, naming the reason.
 
 Choose with `medmtl.set_backend(name)`, `with medmtl.backend(name): ...` or
 the environment variable MEDMTL_BACKEND (read at import). `set_backend` and
@@ -20,11 +24,12 @@ import contextlib
 import importlib.util
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 
 import torch
 
-from medmtl._extension import BUILD_HINT, EXTENSION_ERROR, extension_has_cuda, extension_loaded
+from medmtl._extension import BUILD_HINT, EXTENSION_ERROR, cuda_arch_list, extension_has_cuda, extension_loaded
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 KERNEL_BACKENDS = ("reference", "cpu", "cuda", "triton")
@@ -104,6 +109,33 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def arch_mismatch(capability: tuple[int, int], arch_list: str) -> str | None:
+    """Why CUDA code built for `arch_list` (TORCH_CUDA_ARCH_LIST, e.g. "8.0;9.0+PTX") has no
+    kernel image for a device of compute `capability` (major, minor), or None if it has one.
+
+    SASS for X.Y runs on X.Z with Z >= Y ("a" variants, e.g. 9.0a, only on X.Y); PTX for
+    X.Y is compiled by the driver for any capability >= X.Y."""
+    major, minor = capability
+    for entry in arch_list.replace(" ", ";").split(";"):
+        entry = entry.strip()
+        if not entry:
+            continue
+        ptx = entry.endswith("+PTX")
+        version = entry[:-4] if ptx else entry
+        specific = version.endswith("a")
+        try:
+            x, y = (int(v) for v in version.rstrip("a").split("."))
+        except ValueError:
+            continue
+        if x == major and (y == minor if specific else y <= minor):
+            return None
+        if ptx and (x, y) <= (major, minor):
+            return None
+    return (f"medmtl._C has CUDA code for {arch_list or 'no arch'} only, none that runs on compute capability "
+            f"{major}.{minor} (no kernel image); rebuild with TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" "
+            f"(or add +PTX to an arch at or below it)")
+
+
 def unavailable_reason(op: str, name: str, device: torch.device) -> str | None:
     """Why backend `name` cannot run op `op` on tensors of `device`, or None if it can."""
     if name not in OPS.get(op, ()):
@@ -126,7 +158,7 @@ def unavailable_reason(op: str, name: str, device: torch.device) -> str | None:
             return "no CUDA GPU is available (torch.cuda.is_available() is False)"
         if device.type != "cuda":
             return f"backend 'cuda' runs CUDA tensors, got tensors on {device}"
-        return None
+        return arch_mismatch(torch.cuda.get_device_capability(device), cuda_arch_list())
     if name == "triton":
         reason = triton_error()
         if reason is not None:
@@ -142,6 +174,20 @@ def unavailable_reason(op: str, name: str, device: torch.device) -> str | None:
     return f"unknown backend {name!r}"
 
 
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_fallback(op: str, device: torch.device, passed: list[tuple[str, str]], taken: str) -> None:
+    """One warning per (op, device) when `auto` passes over preferred GPU backends."""
+    key = (op, str(device))
+    if not passed or key in _WARNED:
+        return
+    _WARNED.add(key)
+    reasons = "; ".join(f"{name}: {reason}" for name, reason in passed)
+    warnings.warn(f"medmtl: {op} on {device} runs on backend {taken!r}, not {passed[0][0]!r} ({reasons})",
+                  RuntimeWarning, stacklevel=3)
+
+
 def resolve_backend(op: str, device: torch.device) -> str:
     """The backend that runs `op` on tensors of `device` under the current choice.
 
@@ -152,9 +198,14 @@ def resolve_backend(op: str, device: torch.device) -> str:
         if device.type == "cpu":
             return "cpu" if unavailable_reason(op, "cpu", device) is None else "reference"
         if device.type == "cuda":
+            passed = []
             for candidate in GPU_PREFERENCE.get(op, ()):
-                if unavailable_reason(op, candidate, device) is None:
+                reason = unavailable_reason(op, candidate, device)
+                if reason is None:
+                    _warn_fallback(op, device, passed, candidate)
                     return candidate
+                passed.append((candidate, reason))
+            _warn_fallback(op, device, passed, "reference")
         return "reference"
     reason = unavailable_reason(op, name, device)
     if reason is not None:

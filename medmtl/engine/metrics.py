@@ -132,8 +132,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor,
         values = {"accuracy": (tp + tn) / max(pos + neg, 1),
                   "sensitivity": tp / pos if pos else float("nan"),
                   "specificity": tn / neg if neg else float("nan"),
-                  "f1": binary_f1_score(probs[:, j], true[:, j].long()).item(),
-                  "mcc": binary_matthews_corrcoef(probs[:, j], true[:, j].long()).item(),
+                  "f1": float(binary_f1_score(probs[:, j], true[:, j].long()).item()),
+                  "mcc": float(binary_matthews_corrcoef(probs[:, j], true[:, j].long()).item()),
                   "auc": binary_auroc(probs[:, j], true[:, j].long()).item() if pos and neg else float("nan")}
         for key, value in values.items():
             out[f"{key}_{name}"] = value

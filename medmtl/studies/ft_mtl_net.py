@@ -40,9 +40,9 @@ def run(out: Path, quick: bool = False, log=print) -> list[dict]:
         trainer = Trainer(model, train_set, test_set, out / f"transfer_{transfer}", config)
         history = trainer.fit()
         seconds = time.perf_counter() - start
-        rows.append({"variant": label, "transfer": str(transfer), "seconds": round(seconds, 1),
-                     "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                     **history[-1]})
+        # history's own "seconds" is the last epoch's: the run's time comes after it
+        rows.append({**history[-1], "variant": label, "transfer": str(transfer), "seconds": round(seconds, 1),
+                     "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)})
         log(f"  {label}: {seconds:.0f} s")
     notes = ("Both models have the same encoder, branches and heads; transfer adds a zero-initialised 1x1 "
              "convolution per branch stage and task pair, so it starts as the parallel model and learns how much "

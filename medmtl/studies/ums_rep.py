@@ -31,7 +31,7 @@ COLUMNS = [("strategy", "strategy"), ("accuracy_macro", "cls accuracy"), ("f1_ma
 
 # Eleven training runs (stage 1, three independent heads, alternating, joint, three separate
 # models) within 10 minutes on 2 CPU cores.
-SIZE = StudySize(train_images=300, test_images=200, epochs=6)
+SIZE = StudySize(train_images=300, test_images=200, epochs=12)
 
 
 def _model(img_size: int):
